@@ -1,0 +1,3 @@
+"""modserve: a production inference service for modified PyTorch models."""
+
+__version__ = "0.1.0"

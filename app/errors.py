@@ -1,0 +1,124 @@
+"""Domain errors that carry their HTTP status, so one handler maps them all.
+
+No web-framework import here: the core (loader, batcher, registry) raises these
+and the HTTP layer only translates them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServiceError(Exception):
+    """Base error; ``status_code`` is what a client sees."""
+
+    status_code: int = 500
+
+    def __init__(self, message: str, *, status_code: int | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+        self.extra = extra
+        self.headers: dict[str, str] = {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, **self.extra}
+
+
+class ModelNotFound(ServiceError):
+    status_code = 404
+
+
+class ModelNotReady(ServiceError):
+    status_code = 503
+
+
+class InvalidInput(ServiceError):
+    """Malformed or semantically wrong request content."""
+
+    status_code = 422
+
+
+class BadRequest(ServiceError):
+    """Used by the v2 protocol, which answers 400 where the native API answers 422."""
+
+    status_code = 400
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+
+
+class Overloaded(ServiceError):
+    """Queue full or server draining: retryable."""
+
+    status_code = 503
+
+    def __init__(self, message: str, *, retry_after: int = 1, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.headers["Retry-After"] = str(retry_after)
+
+
+class DeadlineExceeded(ServiceError):
+    status_code = 504
+
+
+class Conflict(ServiceError):
+    status_code = 409
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.headers["WWW-Authenticate"] = "Bearer"
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+
+
+class CheckpointError(ServiceError):
+    """A checkpoint that cannot be loaded as configured; a client-side (4xx) fault."""
+
+    status_code = 422
+
+
+class CheckpointNotFound(CheckpointError):
+    pass
+
+
+class CheckpointCorrupt(CheckpointError):
+    """Empty, truncated or not a torch checkpoint at all."""
+
+
+class ChecksumMismatch(CheckpointError):
+    pass
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """Needs globals outside the allowlist; we never fall back to full unpickling."""
+
+    def __init__(self, message: str, *, globals_needed: list[str], **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.globals_needed = globals_needed
+
+
+class StateDictMismatch(CheckpointError):
+    """Missing/unexpected keys or shape mismatches against the configured architecture."""
+
+
+class UnknownArchitecture(CheckpointError):
+    pass
+
+
+class ConfigError(ServiceError):
+    """A model.toml that does not validate; names the file and the key."""
+
+    status_code = 422
