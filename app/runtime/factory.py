@@ -1,0 +1,56 @@
+"""Build a ready-to-serve runtime from a store entry: load, smoke-test, warm up.
+
+Blocking (torch.load, forwards): callers run it in a worker thread so serving
+never stalls while a model (re)loads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from app.config import Settings
+from app.devices import resolve_device
+from app.loading import CheckpointSpec, load_checkpoint
+from app.runtime.model_runtime import ModelRuntime
+from app.store import ModelEntry, ModelStore
+
+
+def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: Settings) -> ModelRuntime:
+    config = entry.config
+    assert config is not None, "caller checks entry.error first"
+    device = resolve_device(config.runtime.device, settings.device)
+    path = store.checkpoint_path(entry, version)
+    spec = CheckpointSpec(
+        path=path,
+        format=config.checkpoint.format,
+        sha256=config.checkpoint.sha256_for(version),
+        trusted=config.checkpoint.trusted,
+        pickled_class_names=config.checkpoint.pickled_class_names,
+    )
+    loaded = load_checkpoint(config.architecture, config.arguments, spec, device)
+    runtime = ModelRuntime(
+        name=entry.name,
+        version=version,
+        config=config,
+        model=loaded.model,
+        device=device,
+        sha256=loaded.sha256,
+        metadata=loaded.metadata,
+    )
+    runtime.smoke_test()
+    if settings.warmup:
+        sizes = sorted({1, config.runtime.max_batch_size})
+        runtime.warmup(tuple(sizes))
+    if settings.fault_injection:
+        from app.runtime.faults import FaultInjector
+
+        runtime.fault_hook = FaultInjector(settings.fault_injection)
+    return runtime
+
+
+def release(runtime: ModelRuntime) -> None:
+    """Drop a retired model's weights and give cached GPU memory back."""
+    device = runtime.device
+    runtime.model = torch.nn.Module()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
