@@ -1,0 +1,1 @@
+"""HTTP layer: thin routes that translate requests into service calls and back."""

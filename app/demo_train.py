@@ -1,0 +1,582 @@
+"""Train the demo models on synthetic shapes: ``python -m app.demo_train`` (``modserve train-demo``).
+
+The data: discs, squares and triangles on textured, noisy backgrounds (smooth colour noise, stripes,
+checkerboards, blotches, pixel noise), with their masks. Every image is a pure function of
+``(seed, index)`` (numpy and Pillow), so a data set is reproducible item by item, and the
+page's samples, the training and the tests share one generator.
+
+The training (CPU, deterministic for a given machine, torch version and thread count):
+
+* ``shapes_unet``: the narrow ``unet`` (base_channels 8) segments the shapes from the background at
+  64 x 64; reported: IoU of both classes and their mean on a held-out set, measured the way the
+  service answers (logits scaled back to the image's own size).
+* ``shapes_extra``: ``resnet50_extra`` over resnet18 at 48 x 48; the class is the shape kind x
+  (scalar > 0.5); reported: accuracy on a held-out set with uniform random scalars, measured with
+  the int8-committed weights the store serves.
+
+It writes ``app/demo_models/`` (checkpoints and ``checkpoints.toml`` with their sha256 and the
+figures) and the page's samples ``app/static/samples/``. See :mod:`app.demo_trained`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from app import nets
+from app.demo_trained import (
+    CHECKPOINT_FILES,
+    CLS_LABELS,
+    DEMO_DIR,
+    EXTRA_ARGS,
+    EXTRA_MEAN,
+    EXTRA_NAME,
+    EXTRA_SIZE,
+    EXTRA_STD,
+    MANIFEST,
+    SEG_LABELS,
+    SHAPES,
+    THRESHOLD,
+    UNET_ARGS,
+    UNET_NAME,
+    UNET_SIZE,
+    dequantize_state_dict,
+    quantize_state_dict,
+    state_dict_bytes,
+)
+from app.runtime.preprocess import Preprocessor
+from app.store.model_config import PreprocessConfig
+
+SAMPLES_DIR = Path(__file__).resolve().parent / "static" / "samples"
+
+# ---- synthetic data (numpy + Pillow) ------------------------------------------------------------
+
+
+def cls_label(kind: str, scalar: float) -> int:
+    """Class index of the extra-input classifier: shape kind x (scalar above THRESHOLD)."""
+    return 2 * SHAPES.index(kind) + int(scalar > THRESHOLD)
+
+
+@dataclass
+class ShapeInfo:
+    kind: str
+    center: tuple[float, float]
+    """(x, y) in pixels: a point inside the shape."""
+    bbox: tuple[int, int, int, int]
+    """(x0, y0, x1, y1) in pixels, inclusive-exclusive."""
+
+    def to_dict(self) -> dict[str, object]:
+        return {"kind": self.kind, "center": [round(c, 1) for c in self.center], "bbox": list(self.bbox)}
+
+
+@dataclass
+class Sample:
+    image: np.ndarray
+    """uint8 (H, W, 3)."""
+    mask: np.ndarray
+    """uint8 (H, W): 0 background, ``SHAPES.index(kind) + 1`` where a shape is visible."""
+    shapes: list[ShapeInfo] = field(default_factory=list)
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, cells: int, channels: int) -> np.ndarray:
+    """Low-frequency noise in [-1, 1]: a random grid upsampled bicubically."""
+    grid = rng.uniform(0, 255, size=(cells, cells, channels)).astype(np.uint8)
+    img = Image.fromarray(grid.squeeze(-1) if channels == 1 else grid)
+    up = np.asarray(img.resize((size, size), Image.Resampling.BICUBIC), dtype=np.float32)
+    if channels == 1:
+        up = up[..., None]
+    return up / 127.5 - 1.0
+
+
+def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A grey (H, W, 1) texture in [-1, 1]: stripes, a checkerboard, blotches or nothing."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    kind = rng.integers(0, 4)
+    if kind == 0:  # stripes at a random angle
+        angle, period = rng.uniform(0, math.pi), rng.uniform(4, 16)
+        phase = (xx * math.cos(angle) + yy * math.sin(angle)) * 2 * math.pi / period
+        pat = np.sin(phase)
+    elif kind == 1:  # checkerboard
+        period = rng.integers(6, 20)
+        pat = (((xx // period) + (yy // period)) % 2) * 2.0 - 1.0
+    elif kind == 2:  # blotches
+        pat = _smooth_noise(rng, size, int(rng.integers(8, 16)), 1)[..., 0]
+    else:
+        pat = np.zeros((size, size), np.float32)
+    return pat[..., None]
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    base = rng.uniform(30, 225, size=3).astype(np.float32)
+    low = _smooth_noise(rng, size, int(rng.integers(2, 6)), 3) * rng.uniform(10, 45)
+    pat = _pattern(rng, size) * rng.uniform(8, 30) * rng.uniform(0.5, 1.0, size=3).astype(np.float32)
+    return base + low + pat
+
+
+def _shape_colour(rng: np.random.Generator, near: np.ndarray) -> np.ndarray:
+    """A colour clearly different from ``near`` (the mean colour under the shape)."""
+    for _ in range(100):
+        colour = rng.uniform(0, 255, size=3).astype(np.float32)
+        if np.linalg.norm(colour - near) > 110:
+            return colour
+    return 255.0 - near
+
+
+def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    corners = 4 if kind == "square" else 3
+    return [
+        (cx + r * math.cos(angle + 2 * math.pi * k / corners), cy + r * math.sin(angle + 2 * math.pi * k / corners))
+        for k in range(corners)
+    ]
+
+
+def _draw(kind: str, cx: float, cy: float, r: float, angle: float, size: int) -> np.ndarray:
+    """Boolean (H, W) coverage of one shape; ``r`` is the circumradius."""
+    img = Image.new("L", (size, size), 0)
+    draw = ImageDraw.Draw(img)
+    if kind == "disc":
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=1)
+    else:
+        draw.polygon(_polygon(kind, cx, cy, r, angle), fill=1)
+    return np.asarray(img, dtype=bool)
+
+
+def make_sample(
+    seed: int,
+    index: int,
+    *,
+    size: int = 128,
+    n_shapes: int | tuple[int, int] = (1, 3),
+    kinds: tuple[str, ...] | None = None,
+    radius: tuple[float, float] | None = None,
+) -> Sample:
+    """Image ``index`` of the set ``seed``: ``n_shapes`` shapes (a count, or an inclusive range).
+
+    ``kinds`` fixes the kind of each shape in order (its length is then the count); ``radius`` is
+    the range of circumradii as fractions of the side.
+    Later shapes are drawn over earlier ones and the mask shows what stays visible.
+    """
+    rng = np.random.default_rng([seed, index])
+    if kinds is not None:
+        count = len(kinds)
+    elif isinstance(n_shapes, int):
+        count = n_shapes
+    else:
+        count = int(rng.integers(n_shapes[0], n_shapes[1] + 1))
+    image = _background(rng, size)
+    mask = np.zeros((size, size), np.uint8)
+    shapes: list[ShapeInfo] = []
+    for k in range(count):
+        kind = kinds[k] if kinds is not None else SHAPES[int(rng.integers(0, len(SHAPES)))]
+        # Size relative to the image, so a resized photo-sized upload looks like training data.
+        r = size * rng.uniform(*(radius or (0.11, 0.24 if count > 1 else 0.32)))
+        if kind == "disc":
+            r *= 0.85  # same area range as the polygons, roughly
+        angle = rng.uniform(0, 2 * math.pi)
+        for _ in range(20):  # mostly apart, so each shape stays recognisable
+            cx, cy = rng.uniform(r * 0.8, size - r * 0.8, size=2)
+            cover = _draw(kind, cx, cy, r, angle, size)
+            if (mask[cover] > 0).mean() < 0.1:
+                break
+        if not cover.any():
+            continue
+        under = image[cover].mean(axis=0)
+        colour = _shape_colour(rng, under)
+        shading = _smooth_noise(rng, size, 3, 1) * rng.uniform(5, 25)
+        np.copyto(image, colour + shading, where=cover[..., None])
+        mask[cover] = SHAPES.index(kind) + 1
+        ys, xs = np.nonzero(cover)
+        shapes.append(ShapeInfo(kind, (float(cx), float(cy)), (int(xs.min()), int(ys.min()), int(xs.max()) + 1,
+                                                               int(ys.max()) + 1)))
+    image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(rng.uniform(3, 14))
+    return Sample(np.clip(image, 0, 255).round().astype(np.uint8), mask, shapes)
+
+
+# ---- training (torch) -----------------------------------------------------------------------
+
+SEED = 20260
+UNET_GEN_SIZES = (96, 128, 160)
+"""Training images are drawn at these sizes and resized by the service's own preprocessing, so
+the model sees what the service feeds it for uploads of different sizes."""
+EXTRA_GEN_SIZES = (64, 96, 128)
+EXTRA_RADIUS = (0.16, 0.34)
+"""The classifier's images hold one shape of this circumradius range (fractions of the side)."""
+SAMPLE_SIZE = 192
+SAMPLE_SEED = 7
+SAMPLES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
+    # file stem, title, shapes, index in the sample set
+    ("disc", "A disc", ("disc",), 0),
+    ("square", "A square", ("square",), 1),
+    ("triangle", "A triangle", ("triangle",), 2),
+    ("three-shapes", "Disc, square and triangle", ("disc", "square", "triangle"), 3),
+    ("two-shapes", "Triangle and disc", ("triangle", "disc"), 4),
+)
+
+
+@dataclass
+class TrainSettings:
+    seed: int = SEED
+    threads: int = 1
+    unet_train: int = 1200
+    unet_steps: int = 400
+    unet_batch: int = 16
+    unet_lr: float = 4e-3
+    unet_eval: int = 300
+    extra_train: int = 2400
+    extra_steps: int = 200
+    extra_batch: int = 32
+    extra_lr: float = 2e-3
+    extra_head_lr: float = 2e-2
+    extra_eval: int = 600
+    log_every: int = 100
+
+
+@dataclass
+class Report:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _say(text: str) -> None:
+    print(f"train-demo: {text}", flush=True)
+
+
+def _preprocessor(name: str) -> Preprocessor:
+    from app.demo_trained import trained_configs
+
+    return Preprocessor(PreprocessConfig(**trained_configs()[name]["preprocess"]), default_resize=None)
+
+
+def _tensor(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image).permute(2, 0, 1).contiguous()
+
+
+def seg_target(mask: np.ndarray) -> np.ndarray:
+    """The U-Net's classes from a generator mask: 0 background, 1 any shape."""
+    return (mask > 0).astype(np.uint8)
+
+
+def unet_data(seed: int, count: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+    """(x, y, full-size masks): x preprocessed as served, y the mask at the model's size."""
+    pre = _preprocessor(UNET_NAME)
+    xs, ys, full = [], [], []
+    for i in range(count):
+        sample = make_sample(seed, start + i, size=UNET_GEN_SIZES[i % len(UNET_GEN_SIZES)], n_shapes=(1, 3))
+        xs.append(pre(_tensor(sample.image)))
+        mask = torch.from_numpy(seg_target(sample.mask))[None, None].float()
+        ys.append(F.interpolate(mask, size=(UNET_SIZE, UNET_SIZE), mode="nearest-exact")[0, 0].long())
+        full.append(seg_target(sample.mask))
+    return torch.stack(xs), torch.stack(ys), full
+
+
+def extra_data(seed: int, count: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, kind index): one shape per image, preprocessed as served."""
+    pre = _preprocessor(EXTRA_NAME)
+    xs, kinds = [], []
+    for i in range(count):
+        size = EXTRA_GEN_SIZES[i % len(EXTRA_GEN_SIZES)]
+        kind = SHAPES[(start + i) % len(SHAPES)]
+        sample = make_sample(seed, start + i, size=size, kinds=(kind,), radius=EXTRA_RADIUS)
+        xs.append(pre(_tensor(sample.image)))
+        kinds.append(SHAPES.index(kind))
+    return torch.stack(xs), torch.tensor(kinds)
+
+
+def _augment(gen: torch.Generator, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The same random flip and quarter turn for every tensor (the shape kinds are invariant)."""
+    k = int(torch.randint(0, 4, (1,), generator=gen))
+    flip = bool(torch.randint(0, 2, (1,), generator=gen))
+    out = []
+    for t in tensors:
+        t = torch.rot90(t, k, dims=(-2, -1))
+        out.append(torch.flip(t, dims=(-1,)) if flip else t)
+    return out
+
+
+def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    max_lrs = [g["lr"] for g in optimizer.param_groups]
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lrs, total_steps=steps, pct_start=0.2)
+
+
+def confusion(pred: np.ndarray, truth: np.ndarray, n: int) -> np.ndarray:
+    return np.bincount(truth.ravel().astype(np.int64) * n + pred.ravel(), minlength=n * n).reshape(n, n)
+
+
+def iou_from_confusion(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(np.float64)
+    return tp / np.maximum(cm.sum(0) + cm.sum(1) - tp, 1)
+
+
+def predict_masks(model: torch.nn.Module, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Masks at each image's own size, as the service computes them (bilinear logits, argmax)."""
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(x), 32):
+            logits = model(x[i : i + 32])
+            for j in range(logits.shape[0]):
+                up = F.interpolate(logits[j : j + 1], size=sizes[i + j], mode="bilinear")
+                out.append(up[0].argmax(0).to(torch.uint8).numpy())
+    return out
+
+
+def _dice_loss(logits: torch.Tensor, target: torch.Tensor) -> float | torch.Tensor:
+    """Soft Dice of the shape class over the batch: it rewards overlap (IoU), not pixel counts."""
+    prob = logits.softmax(1)[:, 1]
+    fg = (target == 1).to(prob.dtype)
+    return 1 - (2 * (prob * fg).sum() + 1) / (prob.sum() + fg.sum() + 1)
+
+
+def train_unet(cfg: TrainSettings, report: Report) -> torch.nn.Module:
+    t0 = time.perf_counter()
+    x, y, _ = unet_data(cfg.seed, cfg.unet_train)
+    report.seconds["unet_data"] = time.perf_counter() - t0
+    _say(f"unet: {len(x)} training images in {report.seconds['unet_data']:.1f}s")
+    torch.manual_seed(cfg.seed)
+    model = nets.get_net("unet", **UNET_ARGS)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.unet_lr, weight_decay=1e-4)
+    scheduler = _schedule(optimizer, cfg.unet_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t1 = time.perf_counter()
+    model.train()
+    running = 0.0
+    for step in range(1, cfg.unet_steps + 1):
+        idx = torch.randint(0, len(x), (cfg.unet_batch,), generator=gen)
+        xb, yb = _augment(gen, x[idx], y[idx])
+        logits = model(xb)
+        loss = F.cross_entropy(logits, yb) + _dice_loss(logits, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += float(loss.detach())
+        if step % cfg.log_every == 0 or step == cfg.unet_steps:
+            _say(f"unet: step {step}/{cfg.unet_steps} loss {running / cfg.log_every:.4f}"
+                 f" ({time.perf_counter() - t1:.0f}s)")
+            running = 0.0
+    report.seconds["unet_train"] = time.perf_counter() - t1
+    model.eval()
+    report.metrics[UNET_NAME] = evaluate_unet(model, cfg)
+    return model
+
+
+def evaluate_unet(model: torch.nn.Module, cfg: TrainSettings) -> dict[str, Any]:
+    """Held-out images (another seed), scored at their own size as the service answers."""
+    x, _, full = unet_data(cfg.seed + 1, cfg.unet_eval)
+    pred = predict_masks(model, x, [m.shape for m in full])
+    n = len(SEG_LABELS)
+    cm = sum(confusion(p, t, n) for p, t in zip(pred, full))
+    iou = iou_from_confusion(cm)
+    per_image = [iou_from_confusion(confusion(p, t, n))[1] for p, t in zip(pred, full)]
+    metrics = {
+        "mean_iou": round(float(iou.mean()), 4),
+        "class_iou": {label: round(float(v), 4) for label, v in zip(SEG_LABELS, iou)},
+        "shape_iou_per_image_mean": round(float(np.mean(per_image)), 4),
+        "pixel_accuracy": round(float(np.trace(cm) / cm.sum()), 4),
+        "held_out_images": cfg.unet_eval,
+    }
+    _say(f"unet: held-out mean IoU {metrics['mean_iou']:.4f} {metrics['class_iou']}")
+    return metrics
+
+
+def _extra_logits(model: torch.nn.Module, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """ResNetExtra's forward up to (not including) its softmax, for a stable cross-entropy."""
+    features = model.net(x)
+    joined = torch.cat([model.dropout(model.relu(features)), s.view(-1, 1).to(features.dtype)], dim=1)
+    return model.fc_add(joined)
+
+
+def train_extra(cfg: TrainSettings, report: Report) -> dict[str, torch.Tensor]:
+    """Train, then return the int8 package; its accuracy is measured on the dequantized weights."""
+    t0 = time.perf_counter()
+    x, kinds = extra_data(cfg.seed, cfg.extra_train)
+    report.seconds["extra_data"] = time.perf_counter() - t0
+    _say(f"extra: {len(x)} training images in {report.seconds['extra_data']:.1f}s")
+    torch.manual_seed(cfg.seed)
+    model = nets.get_net("resnet50_extra", **EXTRA_ARGS)
+    head = list(model.fc_add.parameters())
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    optimizer = torch.optim.AdamW(
+        [{"params": body, "lr": cfg.extra_lr}, {"params": head, "lr": cfg.extra_head_lr}], weight_decay=1e-4
+    )
+    scheduler = _schedule(optimizer, cfg.extra_steps)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t1 = time.perf_counter()
+    model.train()
+    running, hits, seen = 0.0, 0, 0
+    for step in range(1, cfg.extra_steps + 1):
+        idx = torch.randint(0, len(x), (cfg.extra_batch,), generator=gen)
+        (xb,) = _augment(gen, x[idx])
+        s = torch.rand(cfg.extra_batch, generator=gen)
+        target = 2 * kinds[idx] + (s > THRESHOLD).long()
+        logits = _extra_logits(model, xb, s)
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        running += float(loss.detach())
+        hits += int((logits.argmax(1) == target).sum())
+        seen += len(target)
+        if step % cfg.log_every == 0 or step == cfg.extra_steps:
+            _say(f"extra: step {step}/{cfg.extra_steps} loss {running / cfg.log_every:.4f}"
+                 f" train acc {hits / seen:.3f} ({time.perf_counter() - t1:.0f}s)")
+            running, hits, seen = 0.0, 0, 0
+    report.seconds["extra_train"] = time.perf_counter() - t1
+    packed = quantize_state_dict(model.state_dict())
+    served = nets.get_net("resnet50_extra", **EXTRA_ARGS)
+    served.load_state_dict(dequantize_state_dict(packed), strict=True)
+    report.metrics[EXTRA_NAME] = evaluate_extra(served, cfg, float_model=model)
+    return packed
+
+
+def evaluate_extra(model: torch.nn.Module, cfg: TrainSettings, float_model: torch.nn.Module | None = None
+                   ) -> dict[str, Any]:
+    """Held-out images (another seed) with uniform random scalars; the model's real forward."""
+    x, kinds = extra_data(cfg.seed + 1, cfg.extra_eval)
+    rng = np.random.default_rng([cfg.seed + 1, 99])
+    s = torch.from_numpy(rng.uniform(0, 1, size=len(x)).astype(np.float32))
+    target = 2 * kinds + (s > THRESHOLD).long()
+
+    def predict(m: torch.nn.Module) -> torch.Tensor:
+        m.eval()
+        with torch.inference_mode():
+            return torch.cat([m(x[i : i + 64], s[i : i + 64]).argmax(1) for i in range(0, len(x), 64)])
+
+    pred = predict(model)
+    clear = (s - THRESHOLD).abs() > 0.05
+    metrics: dict[str, Any] = {
+        "accuracy": round(float((pred == target).float().mean()), 4),
+        "shape_accuracy": round(float((pred // 2 == kinds).float().mean()), 4),
+        "scalar_side_accuracy": round(float((pred % 2 == target % 2).float().mean()), 4),
+        "accuracy_scalar_off_threshold_by_0.05": round(float((pred == target)[clear].float().mean()), 4),
+        "held_out_images": cfg.extra_eval,
+        "weights": "int8 per-channel, dequantized to float32 (as served)",
+    }
+    if float_model is not None:
+        metrics["float32_accuracy"] = round(float((predict(float_model) == target).float().mean()), 4)
+    _say(f"extra: held-out accuracy {metrics['accuracy']:.4f} (shape {metrics['shape_accuracy']:.4f},"
+         f" scalar side {metrics['scalar_side_accuracy']:.4f}, float32 {metrics.get('float32_accuracy')})")
+    return metrics
+
+
+# ---- outputs -------------------------------------------------------------------------------------
+
+
+def write_samples(out: Path = SAMPLES_DIR) -> list[dict[str, Any]]:
+    """The page's sample images and ``index.json`` (title, shapes with a point inside and a bbox)."""
+    out.mkdir(parents=True, exist_ok=True)
+    index = []
+    for stem, title, kinds, i in SAMPLES:
+        sample = make_sample(SAMPLE_SEED, i, size=SAMPLE_SIZE, kinds=kinds)
+        Image.fromarray(sample.image).save(out / f"{stem}.png", optimize=True)
+        index.append({"file": f"{stem}.png", "title": title, "width": SAMPLE_SIZE, "height": SAMPLE_SIZE,
+                      "shapes": [s.to_dict() for s in sample.shapes]})
+    (out / "index.json").write_text(json.dumps({"samples": index}, indent=1) + "\n")
+    return index
+
+
+def _write_bytes(path: Path, data: bytes) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(out: Path, entries: dict[str, dict[str, Any]]) -> None:
+    from app.store.writer import to_toml
+
+    text = "# Written by `python -m app.demo_train` (modserve train-demo); read by app/demo_trained.py.\n"
+    text += to_toml(entries)
+    (out / MANIFEST).write_text(text)
+
+
+def train(cfg: TrainSettings, *, out: Path = DEMO_DIR, only: tuple[str, ...] = (UNET_NAME, EXTRA_NAME)
+          ) -> Report:
+    torch.set_num_threads(cfg.threads)
+    torch.use_deterministic_algorithms(True)
+    report = Report()
+    start = time.perf_counter()
+    try:
+        from app.demo_trained import read_manifest
+
+        entries: dict[str, dict[str, Any]] = read_manifest(out)
+    except Exception:  # noqa: BLE001 - no manifest yet
+        entries = {}
+    common = {"seed": cfg.seed, "threads": cfg.threads, "torch": torch.__version__,
+              "machine": platform.machine()}
+    if UNET_NAME in only:
+        t = time.perf_counter()
+        model = train_unet(cfg, report)
+        digest = _write_bytes(out / CHECKPOINT_FILES[UNET_NAME], state_dict_bytes(model.state_dict()))
+        entries[UNET_NAME] = {"file": CHECKPOINT_FILES[UNET_NAME], "sha256": digest, "encoding": "state_dict",
+                              "seconds": round(time.perf_counter() - t, 1), **common,
+                              "steps": cfg.unet_steps, "batch": cfg.unet_batch, "train_images": cfg.unet_train,
+                              "metrics": report.metrics[UNET_NAME]}
+    if EXTRA_NAME in only:
+        t = time.perf_counter()
+        packed = train_extra(cfg, report)
+        digest = _write_bytes(out / CHECKPOINT_FILES[EXTRA_NAME], state_dict_bytes(packed))
+        entries[EXTRA_NAME] = {"file": CHECKPOINT_FILES[EXTRA_NAME], "sha256": digest, "encoding": "int8",
+                               "seconds": round(time.perf_counter() - t, 1), **common,
+                               "steps": cfg.extra_steps, "batch": cfg.extra_batch,
+                               "train_images": cfg.extra_train, "metrics": report.metrics[EXTRA_NAME]}
+    write_manifest(out, entries)
+    report.seconds["total"] = time.perf_counter() - start
+    for name in only:
+        size = (out / CHECKPOINT_FILES[name]).stat().st_size
+        _say(f"{name}: {out / CHECKPOINT_FILES[name]} ({size / 1e6:.2f} MB) sha256 {entries[name]['sha256']}")
+    _say(f"done in {report.seconds['total']:.0f}s: " + json.dumps(report.metrics))
+    return report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainSettings()
+    p = argparse.ArgumentParser(prog="modserve train-demo", description="Train the demo models on synthetic "
+                                "shapes and write app/demo_models/ and the page's samples.")
+    p.add_argument("--out", type=Path, default=DEMO_DIR, help="where the checkpoints and checkpoints.toml go")
+    p.add_argument("--samples", type=Path, default=SAMPLES_DIR, help="where the page's sample images go")
+    p.add_argument("--only", choices=["unet", "extra", "samples"], action="append",
+                   help="train or write only this (repeatable); default: everything")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
+    p.add_argument("--unet-steps", type=int, default=d.unet_steps)
+    p.add_argument("--extra-steps", type=int, default=d.extra_steps)
+    p.add_argument("--unet-train", type=int, default=d.unet_train, help="U-Net training images")
+    p.add_argument("--extra-train", type=int, default=d.extra_train, help="classifier training images")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = TrainSettings(seed=args.seed, threads=args.threads, unet_steps=args.unet_steps,
+                        extra_steps=args.extra_steps, unet_train=args.unet_train, extra_train=args.extra_train)
+    only = set(args.only or ["unet", "extra", "samples"])
+    if "samples" in only:
+        write_samples(args.samples)
+        _say(f"wrote samples into {args.samples}")
+    models = tuple(n for key, n in (("unet", UNET_NAME), ("extra", EXTRA_NAME)) if key in only)
+    if models:
+        args.out.mkdir(parents=True, exist_ok=True)
+        train(cfg, out=args.out, only=models)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The app factory: settings in, a FastAPI app whose lifespan loads the store out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from app import __version__
+from app.api.errors import install_error_handlers
+from app.api.guard import RequestGuard
+from app.admin import AdminService
+from app.api.auth import require_admin
+from app.api.routes import admin, health, models, predict, v2
+from app.api.routes import metrics as metrics_route
+from app.config import Settings, get_settings
+from app.lifecycle import ServerState
+from app.observability.metrics import Metrics
+from app.observability.middleware import ObservabilityMiddleware
+from app.registry import ModelRegistry
+from app.service import InferenceService
+from app.store import ModelStore
+
+log = logging.getLogger("modserve")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    state = ServerState()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        store = ModelStore(settings.store)
+        registry = ModelRegistry(store, settings, metrics=metrics)
+        metrics.attach(registry)
+        service = InferenceService(registry, settings, state, metrics)
+        app.state.settings, app.state.registry, app.state.service = settings, registry, service
+        app.state.admin = AdminService(registry, store)
+        names = store.names()
+        if not names:
+            log.warning("no models in store %s: serving with none", settings.store)
+        await registry.load_all()
+        ready = sum(s.live is not None for s in registry.statuses())
+        log.info("modserve ready: %d of %d model(s) serving", ready, len(names))
+        try:
+            yield
+        finally:
+            await registry.close()
+            service.close()
+
+    app = FastAPI(
+        title="modserve",
+        version=__version__,
+        description="Inference for modified PyTorch models: native API and the Open Inference Protocol v2.",
+        lifespan=lifespan,
+    )
+    app.state.settings, app.state.server_state, app.state.metrics = settings, state, metrics
+    install_error_handlers(app)
+    app.add_middleware(RequestGuard, settings=settings, state=state)
+    app.add_middleware(ObservabilityMiddleware, metrics=metrics)  # outermost: sees every answer
+    app.include_router(health.router)
+    app.include_router(metrics_route.router)
+    app.include_router(models.router)
+    app.include_router(predict.router)
+    app.include_router(v2.router)
+    app.include_router(admin.router, dependencies=[Depends(require_admin)])
+    return app

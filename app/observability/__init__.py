@@ -1,0 +1,1 @@
+"""Metrics, structured request logs and request ids."""

@@ -1,0 +1,148 @@
+"""The inference service: what every protocol's routes call.
+
+Validates instances against the live model, decodes and pre-processes them off
+the event loop, and submits them to the model's batcher. The native API and
+the v2 protocol share this one path to the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from app.config import Settings
+from app.errors import InvalidInput, PayloadTooLarge
+from app.lifecycle import ServerState
+from app.observability.context import current, note_model
+from app.observability.metrics import Metrics
+from app.registry import ModelRegistry
+from app.runtime.faults import DeviceFault
+from app.runtime.images import decode_image
+from app.runtime.model_runtime import InferenceItem, ModelRuntime
+
+
+@dataclass
+class Instance:
+    """One request item: encoded image bytes, or an already pre-processed float tensor."""
+
+    image_bytes: bytes | None = None
+    image: np.ndarray | None = None  # float32 (C, h, w), already normalised
+    scalar: Sequence[float] | None = None
+
+
+@dataclass
+class Prediction:
+    runtime: ModelRuntime
+    results: list[dict[str, np.ndarray]]
+    image_sizes: list[tuple[int, int] | None]  # (H, W) of each decoded input image
+
+
+class InferenceService:
+    def __init__(
+        self, registry: ModelRegistry, settings: Settings, state: ServerState | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.registry, self.settings, self.metrics = registry, settings, metrics
+        self.state = state or ServerState()
+        self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="decode")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def predict(
+        self,
+        name: str,
+        instances: Sequence[Instance],
+        *,
+        outputs: frozenset[str] | None = None,
+        version: str | None = None,
+    ) -> Prediction:
+        if not instances:
+            raise InvalidInput("no instances in the request")
+        if len(instances) > self.settings.max_instances:
+            raise PayloadTooLarge(
+                f"{len(instances)} instances in one request; the limit is {self.settings.max_instances}"
+            )
+        async with self.registry.lease(name, version) as live:
+            runtime = live.runtime
+            note_model(runtime.name, runtime.version)
+            if outputs is not None:
+                unknown = outputs - {s.name for s in runtime.output_specs()}
+                if unknown:
+                    raise InvalidInput(f"unknown output(s) for model {name}: {', '.join(sorted(unknown))}")
+            loop = asyncio.get_running_loop()
+            t0 = time.perf_counter()
+            prepared = await asyncio.gather(
+                *(loop.run_in_executor(self._pool, self._prepare, runtime, inst, outputs) for inst in instances)
+            )
+            items = [item for item, _ in prepared]
+            timeout_ms = runtime.config.runtime.timeout_ms or self.settings.timeout_ms
+            deadline = time.monotonic() + timeout_ms / 1000.0
+            t1 = time.perf_counter()
+            try:
+                results = await live.batcher.submit_many(items, deadline=deadline)
+            except DeviceFault as exc:
+                self.state.fatal = exc.message
+                self.registry.mark_unavailable(name, live, exc.message)
+                raise
+        self._observe(runtime, items, preprocess=t1 - t0, submitted=t1)
+        return Prediction(runtime, results, [size for _, size in prepared])
+
+    def _observe(self, runtime: ModelRuntime, items: list[InferenceItem], *, preprocess: float, submitted: float) -> None:
+        batch = max(it.batch_size for it in items)
+        note_model(runtime.name, runtime.version, batch)
+        if self.metrics is None:
+            return
+        info = current.get()
+        family = info.family if info else "other"
+        queue = max(max(it.started_at - submitted, 0.0) for it in items)
+        inference = max(it.inference_s for it in items)
+        self.metrics.observe_stages(runtime.name, family, queue=queue, preprocess=preprocess, inference=inference)
+
+    def _prepare(
+        self, runtime: ModelRuntime, inst: Instance, outputs: frozenset[str] | None
+    ) -> tuple[InferenceItem, tuple[int, int] | None]:
+        scalar = self._scalar(runtime, inst.scalar)
+        if inst.image_bytes is not None:
+            raw = decode_image(
+                inst.image_bytes,
+                color_mode=runtime.config.preprocess.color_mode,
+                max_pixels=self.settings.max_image_pixels,
+                device=runtime.device,
+            )
+            size = (int(raw.shape[1]), int(raw.shape[2]))
+            image = runtime.preprocess(raw)
+        elif inst.image is not None:
+            image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32)).to(runtime.device)
+            size = None
+        else:
+            raise InvalidInput("missing image")
+        orig = size if runtime.task == "segmentation" else None
+        return InferenceItem(image=image, scalar=scalar, orig_size=orig, outputs=outputs), size
+
+    @staticmethod
+    def _scalar(runtime: ModelRuntime, values: Sequence[float] | None) -> torch.Tensor | None:
+        if not runtime.takes_extra:
+            if values is not None:
+                raise InvalidInput(f"model {runtime.name} takes no scalar input")
+            return None
+        if values is None:
+            raise InvalidInput(
+                f"missing scalar: model {runtime.name} needs {runtime.n_extra} extra input value(s)"
+            )
+        if len(values) != runtime.n_extra:
+            raise InvalidInput(
+                f"model {runtime.name} needs {runtime.n_extra} scalar value(s), got {len(values)}"
+            )
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InvalidInput(f"scalar must be a finite number, got {v!r}")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
