@@ -30,6 +30,8 @@ class BatchPolicy:
     max_batch_size: int = 8  # >= 1
     max_batch_delay_ms: float = 2.0  # how long the first item of a batch may wait for company
     max_queue_size: int = 256  # items waiting (not yet in a running batch); beyond -> Overloaded
+    adaptive_delay: bool = False
+    """Wait for company only under concurrent load: a lone request on an idle model runs at once."""
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -86,6 +88,7 @@ class DynamicBatcher:
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._recently_busy = False
 
     @property
     def queue_depth(self) -> int:
@@ -204,9 +207,10 @@ class DynamicBatcher:
             await self._wakeup.wait()
         batch = self._forming
         until = time.monotonic() + self.policy.max_batch_delay_ms / 1000.0
+        idle = self.policy.adaptive_delay and not self._recently_busy
         while True:
             self._take(batch)
-            if len(batch) >= self.policy.max_batch_size or self._stopping:
+            if len(batch) >= self.policy.max_batch_size or self._stopping or idle:
                 break  # when draining no new company can come, so do not wait for it
             remaining = until - time.monotonic()
             if remaining <= 0:
@@ -268,6 +272,8 @@ class DynamicBatcher:
             else:
                 p.future.set_result(result)
         self._inflight = []
+        # Traffic is concurrent when a batch had company or requests queued up while it ran.
+        self._recently_busy = len(live) > 1 or any(not p.future.done() for p in self._queue)
         self.stats.batches_run += 1
         self.stats.items_run += len(live)
         self.stats.batch_sizes[len(live)] += 1

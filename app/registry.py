@@ -175,6 +175,7 @@ class ModelRegistry:
             max_batch_size=rt.max_batch_size,
             max_batch_delay_ms=rt.max_batch_delay_ms,
             max_queue_size=rt.max_queue_size,
+            adaptive_delay=rt.adaptive_batch_delay,
         )
         batcher = DynamicBatcher(
             f"{runtime.name}-v{runtime.version}", runtime.run_batch, policy,

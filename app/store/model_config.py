@@ -52,6 +52,8 @@ class RuntimeConfig(BaseModel):
     channels_last: bool = False
     max_batch_size: int = Field(8, ge=1, le=1024)
     max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    adaptive_batch_delay: bool = True
+    """Skip the batch delay when the model is idle, so a lone request does not wait for company."""
     max_queue_size: int = Field(256, ge=1)
     timeout_ms: float | None = Field(None, gt=0)
 

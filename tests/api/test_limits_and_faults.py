@@ -18,7 +18,7 @@ from app.main import create_app
 from support.models import build_small, image_bytes, small_configs
 
 
-def _store(root: Path, **runtime: float) -> Path:
+def _store(root: Path, **runtime: float | bool) -> Path:
     cfg = dict(small_configs()["resnet50_head"])
     cfg["runtime"] = {"device": "cpu", "max_batch_size": 4, "max_batch_delay_ms": 1.0, **runtime}
     write_model(root, "m", cfg, build_small("resnet50_head").state_dict())
@@ -140,7 +140,8 @@ def test_deadline_504(tmp_path: Path) -> None:
 
 
 def test_oom_splits_the_batch_and_succeeds(tmp_path: Path) -> None:
-    settings = Settings(store=_store(tmp_path, max_batch_delay_ms=300), warmup=False, fault_injection="oom_above=2")
+    settings = Settings(store=_store(tmp_path, max_batch_delay_ms=300, adaptive_batch_delay=False), warmup=False,
+                        fault_injection="oom_above=2")
 
     async def body(client: httpx.AsyncClient) -> dict:
         results = await asyncio.gather(*(_predict(client, s) for s in range(4)))
@@ -152,7 +153,8 @@ def test_oom_splits_the_batch_and_succeeds(tmp_path: Path) -> None:
 
 
 def test_oom_that_persists_is_503_and_the_next_request_succeeds(tmp_path: Path) -> None:
-    settings = Settings(store=_store(tmp_path, max_batch_delay_ms=300), warmup=False, fault_injection="oom_above=1")
+    settings = Settings(store=_store(tmp_path, max_batch_delay_ms=300, adaptive_batch_delay=False), warmup=False,
+                        fault_injection="oom_above=1")
 
     async def body(client: httpx.AsyncClient) -> None:
         results = await asyncio.gather(*(_predict(client, s) for s in range(4)))

@@ -453,3 +453,34 @@ def test_exception_instance_as_result_fails_only_that_item() -> None:
     good, bad = asyncio.run(main())
     assert good == 6
     assert isinstance(bad, ValueError) and "bad -1" in str(bad)
+
+
+def test_adaptive_delay_runs_a_lone_request_at_once_and_batches_under_load() -> None:
+    seen: list[list[int]] = []
+    gate = threading.Event()
+
+    def runner(items: list[int]) -> list[int]:
+        seen.append(list(items))
+        if items == [10]:
+            gate.wait(5)  # hold this batch so the others queue up behind it
+        return items
+
+    async def main() -> None:
+        idle = DynamicBatcher("idle", runner, BatchPolicy(max_batch_size=8, max_batch_delay_ms=60_000,
+                                                          adaptive_delay=True))
+        await idle.start()
+        assert await asyncio.wait_for(idle.submit(0), 10) == 0  # never waits out the 60 s delay
+        await idle.stop()
+        busy = DynamicBatcher("busy", runner, BatchPolicy(max_batch_size=8, max_batch_delay_ms=200,
+                                                          adaptive_delay=True))
+        await busy.start()
+        first = asyncio.ensure_future(busy.submit(10))
+        await asyncio.sleep(0.1)
+        rest = [asyncio.ensure_future(busy.submit(i)) for i in range(11, 15)]
+        await asyncio.sleep(0.1)
+        gate.set()
+        await asyncio.gather(first, *rest)
+        await busy.stop()
+
+    asyncio.run(main())
+    assert seen == [[0], [10], [11, 12, 13, 14]]  # queued behind a busy model: batched together
