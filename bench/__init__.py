@@ -1,0 +1,1 @@
+"""Benchmark harness for modserve: service vs raw forward ceiling vs naive FastAPI vs LitServe."""
