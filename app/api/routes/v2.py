@@ -16,8 +16,9 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import RegistryDep, ServiceDep, SettingsDep
+from app.api.disconnect import unless_disconnected
 from app.api.responses import FastJSONResponse
-from app.errors import BadRequest, PayloadTooLarge
+from app.errors import BadRequest
 from app.v2 import infer as v2_infer
 from app.v2 import protocol
 from app.v2.body import inflate
@@ -57,17 +58,8 @@ _INFER_DOC = {
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refused past ``limit`` before it is all in memory."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    body = b"".join(chunks)
+    """The raw body (its size is capped by RequestGuard while it streams), inflated if compressed."""
+    body = await request.body()
     encoding = request.headers.get("content-encoding")
     if encoding and encoding.strip().lower() != "identity":
         body = await run_in_threadpool(inflate, body, encoding, limit)
@@ -115,9 +107,9 @@ async def _infer(
     name: str, request: Request, registry: RegistryDep, service: ServiceDep, settings: SettingsDep
 ) -> Response:
     body = await _read_body(request, settings.max_body_bytes)
-    content, header_length = await v2_infer.infer(
+    content, header_length = await unless_disconnected(request, v2_infer.infer(
         service, registry, name, _version(request), body, request.headers.get(HEADER_LENGTH)
-    )
+    ))
     if header_length is None:
         return Response(content, media_type="application/json")
     return Response(
