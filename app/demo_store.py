@@ -1,7 +1,8 @@
-"""The demo store: one seeded model per architecture, so a fresh machine has something to serve.
+"""The demo store: one seeded model per architecture, so a fresh machine has something to serve,
+plus two small trained models (``shapes_unet``, ``shapes_extra``) that show real masks and answers.
 
-Checkpoints are generated, never committed; the U-Net is narrow so it serves
-quickly on a CPU.
+The seeded checkpoints are generated, never committed; the trained ones ship in
+``app/demo_models/`` (sha256-checked). The U-Net is narrow so it serves quickly on a CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 
 from app import nets
+from app.demo_trained import write_trained_models
 from app.store import ModelStore
 from app.store.writer import atomic_write_bytes, to_toml
 
@@ -73,6 +75,7 @@ def write_demo_store(root: Path, *, force: bool = False) -> list[str]:
         model = nets.get_net(config["architecture"], **config["arguments"])
         write_model(root, name, config, model.state_dict())
         written.append(name)
+    written += write_trained_models(root, force=force)
     return written
 
 
@@ -80,5 +83,6 @@ def ensure_demo_store(root: Path) -> None:
     if ModelStore(root).names():
         return
     log.warning("store %s holds no models: writing the demo store", root)
-    print(f"modserve: {root} holds no models; writing the demo store (one model per architecture)", flush=True)
+    print(f"modserve: {root} holds no models; writing the demo store (one model per architecture"
+          " and two trained shape models)", flush=True)
     write_demo_store(root)

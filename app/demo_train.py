@@ -1,18 +1,21 @@
 """Train the demo models on synthetic shapes: ``python -m app.demo_train`` (``modserve train-demo``).
 
-The data: discs, squares and triangles on textured, noisy backgrounds (smooth colour noise, stripes,
-checkerboards, blotches, pixel noise), with their masks. Every image is a pure function of
-``(seed, index)`` (numpy and Pillow), so a data set is reproducible item by item, and the
-page's samples, the training and the tests share one generator.
+The data: red, green and blue discs, squares and triangles on textured, noisy, muted backgrounds
+(smooth colour noise, stripes, checkerboards, blotches, pixel noise), with their masks. Every image
+is a pure function of ``(seed, index)`` (numpy and Pillow), so a data set is reproducible item by
+item, and the page's samples, the training and the tests share one generator.
 
-The training (CPU, deterministic for a given machine, torch version and thread count):
+The training (CPU, one torch thread by default; the same seed, torch build, CPU and thread count
+give byte-identical checkpoints):
 
 * ``shapes_unet``: the narrow ``unet`` (base_channels 8) segments the shapes from the background at
   64 x 64; reported: IoU of both classes and their mean on a held-out set, measured the way the
   service answers (logits scaled back to the image's own size).
-* ``shapes_extra``: ``resnet50_extra`` over resnet18 at 48 x 48; the class is the shape kind x
-  (scalar > 0.5); reported: accuracy on a held-out set with uniform random scalars, measured with
-  the int8-committed weights the store serves.
+* ``shapes_extra``: ``resnet50_extra`` over resnet18 at 40 x 40; the class is the shape's colour
+  (red, green or blue) x (scalar > 0.5); reported: accuracy on a held-out set with uniform random
+  scalars, measured with the int8-committed weights the store serves. After the end-to-end training
+  the head (``fc_add``) is fitted alone on the eval-mode features of the int8 backbone, which makes
+  the scalar threshold sharp at little cost.
 
 It writes ``app/demo_models/`` (checkpoints and ``checkpoints.toml`` with their sha256 and the
 figures) and the page's samples ``app/static/samples/``. See :mod:`app.demo_trained`.
@@ -21,6 +24,7 @@ figures) and the page's samples ``app/static/samples/``. See :mod:`app.demo_trai
 from __future__ import annotations
 
 import argparse
+import colorsys
 import hashlib
 import json
 import math
@@ -40,13 +44,12 @@ from PIL import Image, ImageDraw
 from app import nets
 from app.demo_trained import (
     CHECKPOINT_FILES,
-    CLS_LABELS,
+    COLOURS,
     DEMO_DIR,
     EXTRA_ARGS,
-    EXTRA_MEAN,
     EXTRA_NAME,
-    EXTRA_SIZE,
-    EXTRA_STD,
+    HUE_SPREAD,
+    HUES,
     MANIFEST,
     SEG_LABELS,
     SHAPES,
@@ -66,21 +69,23 @@ SAMPLES_DIR = Path(__file__).resolve().parent / "static" / "samples"
 # ---- synthetic data (numpy + Pillow) ------------------------------------------------------------
 
 
-def cls_label(kind: str, scalar: float) -> int:
-    """Class index of the extra-input classifier: shape kind x (scalar above THRESHOLD)."""
-    return 2 * SHAPES.index(kind) + int(scalar > THRESHOLD)
+def cls_label(colour: str, scalar: float) -> int:
+    """Class index of the extra-input classifier: the shape's colour x (scalar above THRESHOLD)."""
+    return 2 * COLOURS.index(colour) + int(scalar > THRESHOLD)
 
 
 @dataclass
 class ShapeInfo:
     kind: str
+    colour: str
     center: tuple[float, float]
     """(x, y) in pixels: a point inside the shape."""
     bbox: tuple[int, int, int, int]
     """(x0, y0, x1, y1) in pixels, inclusive-exclusive."""
 
     def to_dict(self) -> dict[str, object]:
-        return {"kind": self.kind, "center": [round(c, 1) for c in self.center], "bbox": list(self.bbox)}
+        return {"kind": self.kind, "colour": self.colour, "center": [round(c, 1) for c in self.center],
+                "bbox": list(self.bbox)}
 
 
 @dataclass
@@ -121,27 +126,26 @@ def _pattern(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Muted colours (a third of full saturation at most) with smooth noise and a texture."""
     base = rng.uniform(30, 225, size=3).astype(np.float32)
     low = _smooth_noise(rng, size, int(rng.integers(2, 6)), 3) * rng.uniform(10, 45)
     pat = _pattern(rng, size) * rng.uniform(8, 30) * rng.uniform(0.5, 1.0, size=3).astype(np.float32)
-    return base + low + pat
+    image = base + low + pat
+    grey = image.mean(axis=-1, keepdims=True)
+    return grey + (image - grey) * np.float32(rng.uniform(0.0, 0.35))
 
 
-def _shape_colour(rng: np.random.Generator, near: np.ndarray) -> np.ndarray:
-    """A colour clearly different from ``near`` (the mean colour under the shape)."""
-    for _ in range(100):
-        colour = rng.uniform(0, 255, size=3).astype(np.float32)
-        if np.linalg.norm(colour - near) > 110:
-            return colour
-    return 255.0 - near
+def _shape_colour(rng: np.random.Generator, colour: str) -> np.ndarray:
+    """A saturated RGB colour of the named hue family."""
+    hue = (HUES[colour] + rng.uniform(-HUE_SPREAD, HUE_SPREAD)) % 1.0
+    rgb = colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 1.0), rng.uniform(0.55, 1.0))
+    return np.asarray(rgb, dtype=np.float32) * 255.0
 
 
 def _polygon(kind: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
     corners = 4 if kind == "square" else 3
-    return [
-        (cx + r * math.cos(angle + 2 * math.pi * k / corners), cy + r * math.sin(angle + 2 * math.pi * k / corners))
-        for k in range(corners)
-    ]
+    angles = [angle + 2 * math.pi * k / corners for k in range(corners)]
+    return [(cx + r * math.cos(a), cy + r * math.sin(a)) for a in angles]
 
 
 def _draw(kind: str, cx: float, cy: float, r: float, angle: float, size: int) -> np.ndarray:
@@ -162,17 +166,18 @@ def make_sample(
     size: int = 128,
     n_shapes: int | tuple[int, int] = (1, 3),
     kinds: tuple[str, ...] | None = None,
+    colours: tuple[str, ...] | None = None,
     radius: tuple[float, float] | None = None,
 ) -> Sample:
     """Image ``index`` of the set ``seed``: ``n_shapes`` shapes (a count, or an inclusive range).
 
-    ``kinds`` fixes the kind of each shape in order (its length is then the count); ``radius`` is
-    the range of circumradii as fractions of the side.
+    ``kinds`` and ``colours`` fix the kind and colour family of each shape in order (their length
+    is then the count); ``radius`` is the range of circumradii as fractions of the side.
     Later shapes are drawn over earlier ones and the mask shows what stays visible.
     """
     rng = np.random.default_rng([seed, index])
-    if kinds is not None:
-        count = len(kinds)
+    if kinds is not None or colours is not None:
+        count = len(kinds if kinds is not None else colours)  # type: ignore[arg-type]
     elif isinstance(n_shapes, int):
         count = n_shapes
     else:
@@ -182,6 +187,7 @@ def make_sample(
     shapes: list[ShapeInfo] = []
     for k in range(count):
         kind = kinds[k] if kinds is not None else SHAPES[int(rng.integers(0, len(SHAPES)))]
+        colour = colours[k] if colours is not None else COLOURS[int(rng.integers(0, len(COLOURS)))]
         # Size relative to the image, so a resized photo-sized upload looks like training data.
         r = size * rng.uniform(*(radius or (0.11, 0.24 if count > 1 else 0.32)))
         if kind == "disc":
@@ -194,14 +200,12 @@ def make_sample(
                 break
         if not cover.any():
             continue
-        under = image[cover].mean(axis=0)
-        colour = _shape_colour(rng, under)
-        shading = _smooth_noise(rng, size, 3, 1) * rng.uniform(5, 25)
-        np.copyto(image, colour + shading, where=cover[..., None])
+        shading = _smooth_noise(rng, size, 3, 1) * rng.uniform(5, 20)
+        np.copyto(image, _shape_colour(rng, colour) + shading, where=cover[..., None])
         mask[cover] = SHAPES.index(kind) + 1
         ys, xs = np.nonzero(cover)
-        shapes.append(ShapeInfo(kind, (float(cx), float(cy)), (int(xs.min()), int(ys.min()), int(xs.max()) + 1,
-                                                               int(ys.max()) + 1)))
+        bbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        shapes.append(ShapeInfo(kind, colour, (float(cx), float(cy)), bbox))
     image += rng.standard_normal(size=image.shape, dtype=np.float32) * np.float32(rng.uniform(3, 14))
     return Sample(np.clip(image, 0, 255).round().astype(np.uint8), mask, shapes)
 
@@ -217,13 +221,13 @@ EXTRA_RADIUS = (0.16, 0.34)
 """The classifier's images hold one shape of this circumradius range (fractions of the side)."""
 SAMPLE_SIZE = 192
 SAMPLE_SEED = 7
-SAMPLES: tuple[tuple[str, str, tuple[str, ...], int], ...] = (
-    # file stem, title, shapes, index in the sample set
-    ("disc", "A disc", ("disc",), 0),
-    ("square", "A square", ("square",), 1),
-    ("triangle", "A triangle", ("triangle",), 2),
-    ("three-shapes", "Disc, square and triangle", ("disc", "square", "triangle"), 3),
-    ("two-shapes", "Triangle and disc", ("triangle", "disc"), 4),
+SAMPLES: tuple[tuple[str, str, tuple[str, ...], tuple[str, ...], int], ...] = (
+    # file stem, title, shape kinds, colours, index in the sample set
+    ("red-disc", "Red disc", ("disc",), ("red",), 0),
+    ("green-triangle", "Green triangle", ("triangle",), ("green",), 1),
+    ("blue-square", "Blue square", ("square",), ("blue",), 2),
+    ("three-shapes", "Three shapes", ("disc", "square", "triangle"), ("blue", "red", "green"), 4),
+    ("two-shapes", "Two shapes", ("triangle", "disc"), ("red", "green"), 9),
 )
 
 
@@ -237,11 +241,13 @@ class TrainSettings:
     unet_lr: float = 4e-3
     unet_eval: int = 300
     extra_train: int = 2400
-    extra_steps: int = 200
+    extra_steps: int = 150
     extra_batch: int = 32
     extra_lr: float = 2e-3
     extra_head_lr: float = 2e-2
     extra_eval: int = 600
+    extra_head_images: int = 1200
+    extra_head_steps: int = 1500
     log_every: int = 100
 
 
@@ -270,7 +276,9 @@ def seg_target(mask: np.ndarray) -> np.ndarray:
     return (mask > 0).astype(np.uint8)
 
 
-def unet_data(seed: int, count: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
+def unet_data(
+    seed: int, count: int, *, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, list[np.ndarray]]:
     """(x, y, full-size masks): x preprocessed as served, y the mask at the model's size."""
     pre = _preprocessor(UNET_NAME)
     xs, ys, full = [], [], []
@@ -284,20 +292,20 @@ def unet_data(seed: int, count: int, *, start: int = 0) -> tuple[torch.Tensor, t
 
 
 def extra_data(seed: int, count: int, *, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, kind index): one shape per image, preprocessed as served."""
+    """(x, colour index): one shape of any kind per image, preprocessed as served."""
     pre = _preprocessor(EXTRA_NAME)
-    xs, kinds = [], []
+    xs, colours = [], []
     for i in range(count):
         size = EXTRA_GEN_SIZES[i % len(EXTRA_GEN_SIZES)]
-        kind = SHAPES[(start + i) % len(SHAPES)]
-        sample = make_sample(seed, start + i, size=size, kinds=(kind,), radius=EXTRA_RADIUS)
+        colour = COLOURS[(start + i) % len(COLOURS)]
+        sample = make_sample(seed, start + i, size=size, colours=(colour,), radius=EXTRA_RADIUS)
         xs.append(pre(_tensor(sample.image)))
-        kinds.append(SHAPES.index(kind))
-    return torch.stack(xs), torch.tensor(kinds)
+        colours.append(COLOURS.index(colour))
+    return torch.stack(xs), torch.tensor(colours)
 
 
 def _augment(gen: torch.Generator, *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The same random flip and quarter turn for every tensor (the shape kinds are invariant)."""
+    """The same random flip and quarter turn for every tensor (the labels are invariant)."""
     k = int(torch.randint(0, 4, (1,), generator=gen))
     flip = bool(torch.randint(0, 2, (1,), generator=gen))
     out = []
@@ -403,7 +411,7 @@ def _extra_logits(model: torch.nn.Module, x: torch.Tensor, s: torch.Tensor) -> t
 def train_extra(cfg: TrainSettings, report: Report) -> dict[str, torch.Tensor]:
     """Train, then return the int8 package; its accuracy is measured on the dequantized weights."""
     t0 = time.perf_counter()
-    x, kinds = extra_data(cfg.seed, cfg.extra_train)
+    x, colours = extra_data(cfg.seed, cfg.extra_train)
     report.seconds["extra_data"] = time.perf_counter() - t0
     _say(f"extra: {len(x)} training images in {report.seconds['extra_data']:.1f}s")
     torch.manual_seed(cfg.seed)
@@ -423,7 +431,7 @@ def train_extra(cfg: TrainSettings, report: Report) -> dict[str, torch.Tensor]:
         idx = torch.randint(0, len(x), (cfg.extra_batch,), generator=gen)
         (xb,) = _augment(gen, x[idx])
         s = torch.rand(cfg.extra_batch, generator=gen)
-        target = 2 * kinds[idx] + (s > THRESHOLD).long()
+        target = 2 * colours[idx] + (s > THRESHOLD).long()
         logits = _extra_logits(model, xb, s)
         loss = F.cross_entropy(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -438,20 +446,55 @@ def train_extra(cfg: TrainSettings, report: Report) -> dict[str, torch.Tensor]:
                  f" train acc {hits / seen:.3f} ({time.perf_counter() - t1:.0f}s)")
             running, hits, seen = 0.0, 0, 0
     report.seconds["extra_train"] = time.perf_counter() - t1
+    float_model = nets.get_net("resnet50_extra", **EXTRA_ARGS)
+    float_model.load_state_dict(model.state_dict())
+    # The served backbone is the int8 one: give it to the model, then fit the head to its features.
+    model.load_state_dict(dequantize_state_dict(quantize_state_dict(model.state_dict())), strict=True)
+    t2 = time.perf_counter()
+    _fit_head(model, x[: cfg.extra_head_images], colours=colours[: cfg.extra_head_images], cfg=cfg,
+              gen=gen)
+    report.seconds["extra_head"] = time.perf_counter() - t2
     packed = quantize_state_dict(model.state_dict())
     served = nets.get_net("resnet50_extra", **EXTRA_ARGS)
     served.load_state_dict(dequantize_state_dict(packed), strict=True)
-    report.metrics[EXTRA_NAME] = evaluate_extra(served, cfg, float_model=model)
+    report.metrics[EXTRA_NAME] = evaluate_extra(served, cfg, float_model=float_model)
     return packed
+
+
+def _fit_head(model: torch.nn.Module, x: torch.Tensor, colours: torch.Tensor, cfg: TrainSettings,
+              gen: torch.Generator) -> None:
+    """Fit ``fc_add`` alone on the eval-mode features (what the service computes: no dropout, running
+    BatchNorm statistics) with fresh random scalars: cheap, and it sharpens the scalar threshold."""
+    model.eval()
+    with torch.inference_mode():
+        feats = torch.cat([model.relu(model.net(x[i : i + 64])) for i in range(0, len(x), 64)])
+    head = model.fc_add
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.extra_head_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.extra_head_steps)
+    hits = seen = 0
+    for step in range(1, cfg.extra_head_steps + 1):
+        idx = torch.randint(0, len(feats), (256,), generator=gen)
+        s = torch.rand(256, generator=gen)
+        target = 2 * colours[idx] + (s > THRESHOLD).long()
+        logits = head(torch.cat([feats[idx], s.view(-1, 1)], dim=1))
+        loss = F.cross_entropy(logits, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step > cfg.extra_head_steps - 100:
+            hits += int((logits.argmax(1) == target).sum())
+            seen += len(target)
+    _say(f"extra: head fitted on {len(feats)} images' features, last 100 steps acc {hits / seen:.3f}")
 
 
 def evaluate_extra(model: torch.nn.Module, cfg: TrainSettings, float_model: torch.nn.Module | None = None
                    ) -> dict[str, Any]:
     """Held-out images (another seed) with uniform random scalars; the model's real forward."""
-    x, kinds = extra_data(cfg.seed + 1, cfg.extra_eval)
+    x, colours = extra_data(cfg.seed + 1, cfg.extra_eval)
     rng = np.random.default_rng([cfg.seed + 1, 99])
     s = torch.from_numpy(rng.uniform(0, 1, size=len(x)).astype(np.float32))
-    target = 2 * kinds + (s > THRESHOLD).long()
+    target = 2 * colours + (s > THRESHOLD).long()
 
     def predict(m: torch.nn.Module) -> torch.Tensor:
         m.eval()
@@ -462,16 +505,18 @@ def evaluate_extra(model: torch.nn.Module, cfg: TrainSettings, float_model: torc
     clear = (s - THRESHOLD).abs() > 0.05
     metrics: dict[str, Any] = {
         "accuracy": round(float((pred == target).float().mean()), 4),
-        "shape_accuracy": round(float((pred // 2 == kinds).float().mean()), 4),
+        "colour_accuracy": round(float((pred // 2 == colours).float().mean()), 4),
         "scalar_side_accuracy": round(float((pred % 2 == target % 2).float().mean()), 4),
         "accuracy_scalar_off_threshold_by_0.05": round(float((pred == target)[clear].float().mean()), 4),
         "held_out_images": cfg.extra_eval,
         "weights": "int8 per-channel, dequantized to float32 (as served)",
     }
     if float_model is not None:
-        metrics["float32_accuracy"] = round(float((predict(float_model) == target).float().mean()), 4)
-    _say(f"extra: held-out accuracy {metrics['accuracy']:.4f} (shape {metrics['shape_accuracy']:.4f},"
-         f" scalar side {metrics['scalar_side_accuracy']:.4f}, float32 {metrics.get('float32_accuracy')})")
+        before = (predict(float_model) == target).float().mean()
+        metrics["accuracy_before_head_fit_float32"] = round(float(before), 4)
+    _say(f"extra: held-out accuracy {metrics['accuracy']:.4f} (colour {metrics['colour_accuracy']:.4f},"
+         f" scalar side {metrics['scalar_side_accuracy']:.4f},"
+         f" before the head fit {metrics.get('accuracy_before_head_fit_float32')})")
     return metrics
 
 
@@ -482,8 +527,9 @@ def write_samples(out: Path = SAMPLES_DIR) -> list[dict[str, Any]]:
     """The page's sample images and ``index.json`` (title, shapes with a point inside and a bbox)."""
     out.mkdir(parents=True, exist_ok=True)
     index = []
-    for stem, title, kinds, i in SAMPLES:
-        sample = make_sample(SAMPLE_SEED, i, size=SAMPLE_SIZE, kinds=kinds)
+    for stem, title, kinds, colours, i in SAMPLES:
+        radius = EXTRA_RADIUS if len(kinds) == 1 else None
+        sample = make_sample(SAMPLE_SEED, i, size=SAMPLE_SIZE, kinds=kinds, colours=colours, radius=radius)
         Image.fromarray(sample.image).save(out / f"{stem}.png", optimize=True)
         index.append({"file": f"{stem}.png", "title": title, "width": SAMPLE_SIZE, "height": SAMPLE_SIZE,
                       "shapes": [s.to_dict() for s in sample.shapes]})
@@ -527,7 +573,8 @@ def train(cfg: TrainSettings, *, out: Path = DEMO_DIR, only: tuple[str, ...] = (
         digest = _write_bytes(out / CHECKPOINT_FILES[UNET_NAME], state_dict_bytes(model.state_dict()))
         entries[UNET_NAME] = {"file": CHECKPOINT_FILES[UNET_NAME], "sha256": digest, "encoding": "state_dict",
                               "seconds": round(time.perf_counter() - t, 1), **common,
-                              "steps": cfg.unet_steps, "batch": cfg.unet_batch, "train_images": cfg.unet_train,
+                              "steps": cfg.unet_steps, "batch": cfg.unet_batch,
+                              "train_images": cfg.unet_train,
                               "metrics": report.metrics[UNET_NAME]}
     if EXTRA_NAME in only:
         t = time.perf_counter()
@@ -566,7 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = TrainSettings(seed=args.seed, threads=args.threads, unet_steps=args.unet_steps,
-                        extra_steps=args.extra_steps, unet_train=args.unet_train, extra_train=args.extra_train)
+                        extra_steps=args.extra_steps, unet_train=args.unet_train,
+                        extra_train=args.extra_train)
     only = set(args.only or ["unet", "extra", "samples"])
     if "samples" in only:
         write_samples(args.samples)

@@ -4,14 +4,15 @@ Two models that show real answers on the synthetic shapes of :mod:`app.demo_trai
 
 ``shapes_unet``
     a narrow U-Net (``base_channels`` 8, two classes: background and shape) whose colour mask the
-    page overlays on the image. Its committed checkpoint is a plain float32
-    ``state_dict``, copied into the store byte for byte.
+    page overlays on the image. Its committed checkpoint is a plain float32 ``state_dict`` (2 MB),
+    copied into the store byte for byte.
 ``shapes_extra``
-    ``resnet50_extra`` over a resnet18 backbone whose class is the shape kind x whether the scalar
-    is above 0.5, so changing the scalar changes the answer. A float32 resnet18 is 45 MB (23 MB in
-    float16), too big to commit, so its weights are committed as int8 with one float32 scale per
-    output channel (about 12 MB); writing the store turns them back into a float32 ``state_dict``
-    (the accuracy the training script reports is measured on these dequantized weights).
+    ``resnet50_extra`` over a resnet18 backbone whose class is the shape's colour (red, green or
+    blue) x whether the scalar is above 0.5, so changing the scalar changes the answer. A float32
+    resnet18 is 45 MB (23 MB in float16), too big to commit, so its weights are committed as int8
+    with one float32 scale per output channel (12 MB); writing the store turns them back into a
+    float32 ``state_dict`` (the accuracy the training script reports is measured on these
+    dequantized weights).
 
 ``app/demo_models/checkpoints.toml`` records each committed file's sha256 (checked before the
 file is read) and the held-out figures; every written ``model.toml`` carries the sha256 of the
@@ -38,24 +39,33 @@ SHAPES: tuple[str, ...] = ("disc", "square", "triangle")
 """Shape kinds; the U-Net's class for kind ``k`` is ``SHAPES.index(k) + 1`` (0 is background)."""
 SEG_LABELS: tuple[str, ...] = ("background", "shape")
 """The U-Net's classes: every disc, square and triangle is ``shape`` (the classifier tells kinds apart)."""
-SEG_COLOURS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 40, 120))
-"""Mask colour per U-Net class; background is black, which the page draws transparent."""
+SEG_COLOURS: tuple[tuple[int, int, int], ...] = ((0, 0, 0), (255, 214, 10))
+"""Mask colour per U-Net class: background black (the page draws it transparent), shapes yellow,
+a hue no shape has."""
+COLOURS: tuple[str, ...] = ("red", "green", "blue")
+HUES: dict[str, float] = {"red": 0.0, "green": 0.33, "blue": 0.62}
+"""Hue (HSV, 0..1) at the centre of each colour family; shapes are drawn within HUE_SPREAD of it."""
+HUE_SPREAD = 0.05
 THRESHOLD = 0.5
-"""The extra-input classifier answers ``<kind> / high`` when the scalar is above this, else ``/ low``."""
-CLS_LABELS: tuple[str, ...] = tuple(f"{kind} / {level}" for kind in SHAPES for level in ("low", "high"))
+"""The extra-input classifier answers ``<colour> / high`` when the scalar is above this, else ``/ low``."""
+CLS_LABELS: tuple[str, ...] = tuple(f"{colour} / {level}" for colour in COLOURS for level in ("low", "high"))
 
 UNET_NAME = "shapes_unet"
 EXTRA_NAME = "shapes_extra"
 UNET_SIZE = 64
 """The U-Net sees every image resized to UNET_SIZE x UNET_SIZE; its mask is scaled back."""
 EXTRA_SIZE = 40
-UNET_ARGS: dict[str, Any] = {"n_channels": 3, "n_classes": len(SEG_LABELS), "bilinear": False, "base_channels": 8}
+UNET_ARGS: dict[str, Any] = {
+    "n_channels": 3, "n_classes": len(SEG_LABELS), "bilinear": False, "base_channels": 8,
+}
 EXTRA_ARGS: dict[str, Any] = {"num_classes": len(CLS_LABELS), "n_extra": 1, "backbone": "resnet18"}
 EXTRA_MEAN = (0.485, 0.456, 0.406)
 EXTRA_STD = (0.229, 0.224, 0.225)
 
 CHECKPOINT_FILES = {UNET_NAME: "shapes_unet.pth", EXTRA_NAME: "shapes_extra.int8.pt"}
 INT8_FORMAT = "modserve-int8/1"
+MIN_QUANTIZED = 8192
+"""Smaller tensors (the fc_add head, biases, BatchNorm) stay float32: they weigh next to nothing."""
 
 
 class DemoModelsError(RuntimeError):
@@ -71,7 +81,7 @@ def trained_configs(metrics: dict[str, dict[str, Any]] | None = None) -> dict[st
     return {
         UNET_NAME: {
             "architecture": "unet",
-            "description": "Narrow U-Net trained on synthetic discs, squares and triangles"
+            "description": "Narrow U-Net trained to segment synthetic discs, squares and triangles"
             + (f" (held-out mean IoU {iou:.3f})" if iou is not None else "") + ".",
             "arguments": dict(UNET_ARGS),
             "checkpoint": {"file": "model.pth", "format": "state_dict"},
@@ -81,8 +91,8 @@ def trained_configs(metrics: dict[str, dict[str, Any]] | None = None) -> dict[st
         },
         EXTRA_NAME: {
             "architecture": "resnet50_extra",
-            "description": "resnet18 with an extra scalar input, trained on synthetic shapes: the class is the"
-            f" shape kind and whether the scalar is above {THRESHOLD}"
+            "description": "resnet18 with an extra scalar input, trained on synthetic shapes: the class"
+            f" is the shape's colour and whether the scalar is above {THRESHOLD}"
             + (f" (held-out accuracy {acc:.3f})" if acc is not None else "") + ".",
             "arguments": dict(EXTRA_ARGS),
             "checkpoint": {"file": "model.pth", "format": "state_dict"},
@@ -98,12 +108,12 @@ def trained_configs(metrics: dict[str, dict[str, Any]] | None = None) -> dict[st
 
 
 def quantize_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Floating tensors of 2+ dims become int8 with a float32 scale per output channel (symmetric);
-    the rest (biases, BatchNorm statistics, counters) is kept as it is."""
+    """Floating tensors of 2+ dims and MIN_QUANTIZED+ elements become int8 with a float32 scale per
+    output channel (symmetric); the rest (biases, BatchNorm, small layers, counters) is kept as it is."""
     tensors: dict[str, Any] = {}
     for key, value in state_dict.items():
         value = value.detach().cpu()
-        if value.is_floating_point() and value.dim() >= 2:
+        if value.is_floating_point() and value.dim() >= 2 and value.numel() >= MIN_QUANTIZED:
             flat = value.float().reshape(value.shape[0], -1)
             scale = (flat.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
             q = torch.round(flat / scale[:, None]).clamp_(-127, 127).to(torch.int8).reshape(value.shape)
@@ -194,7 +204,7 @@ def write_trained_models(root: Path, *, force: bool = False, demo_dir: Path = DE
 
 
 __all__ = [
-    "CLS_LABELS", "DEMO_DIR", "EXTRA_NAME", "SEG_LABELS", "SHAPES", "THRESHOLD", "UNET_NAME",
+    "CLS_LABELS", "COLOURS", "DEMO_DIR", "EXTRA_NAME", "SEG_LABELS", "SHAPES", "THRESHOLD", "UNET_NAME",
     "DemoModelsError", "checkpoint_bytes", "dequantize_state_dict", "quantize_state_dict",
     "trained_configs", "write_trained_models",
 ]

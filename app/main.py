@@ -13,7 +13,7 @@ from app.api.errors import install_error_handlers
 from app.api.guard import RequestGuard
 from app.admin import AdminService
 from app.api.auth import require_admin
-from app.api.routes import admin, health, models, predict, v2
+from app.api.routes import admin, health, models, predict, ui, v2
 from app.api.routes import metrics as metrics_route
 from app.config import Settings, get_settings
 from app.lifecycle import ServerState
@@ -67,4 +67,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(predict.router)
     app.include_router(v2.router)
     app.include_router(admin.router, dependencies=[Depends(require_admin)])
+    app.include_router(ui.router)
     return app

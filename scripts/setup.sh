@@ -4,6 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"
 PY="${PYTHON:-python3}"
+if [ "$extras" = "test" ] && ! command -v chromium >/dev/null 2>&1; then
+    # the browser test drives Debian's chromium through Playwright (no browser download)
+    if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+        echo "modserve: installing chromium for the browser test" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+    else
+        echo "modserve: chromium is missing (apt-get install chromium); the browser test will fail under CI" >&2
+    fi
+fi
 if [ ! -x .venv/bin/python ]; then
     "$PY" -m venv .venv
 fi

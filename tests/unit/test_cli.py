@@ -41,7 +41,8 @@ def test_demo_store_is_loaded_completely(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     store = ModelStore(root)
     names = store.names()
-    assert names == ["resnet50_dual", "resnet50_extra", "resnet50_extra_dual", "resnet50_head", "unet"]
+    assert names == ["resnet50_dual", "resnet50_extra", "resnet50_extra_dual", "resnet50_head",
+                     "shapes_extra", "shapes_unet", "unet"]
     settings = Settings(store=root, warmup=False, device="cpu")
     for name in names:
         entry = store.entry(name)
