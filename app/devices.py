@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 
@@ -14,7 +18,7 @@ def validate_device_string(value: str) -> str:
     return value
 
 
-def resolve_device(requested: str, default: str = "auto") -> "torch.device":  # noqa: F821
+def resolve_device(requested: str, default: str = "auto") -> torch.device:
     """Turn a configured device into a concrete one available on this host.
 
     A model asking for a GPU on a host without one is an error (the model is

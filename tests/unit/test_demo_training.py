@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from app import nets
+from app.demo_data import cls_label, make_sample
 from app.demo_train import (
     EXTRA_RADIUS,
     SAMPLE_SEED,
@@ -20,10 +21,8 @@ from app.demo_train import (
     SAMPLES,
     TrainSettings,
     build_parser,
-    cls_label,
     confusion,
     iou_from_confusion,
-    make_sample,
     seg_target,
 )
 from app.demo_trained import (
