@@ -9,10 +9,6 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    # Before torch loads: decode threads and the inference thread each get an OpenMP team, and
-    # spinning idle teams steal the cores the forward needs (measured: p50 at concurrency 1
-    # 43 -> 36 ms for a small model on 2 cores). An explicit OMP_WAIT_POLICY is kept.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from app.config import Settings
     from app.main import create_app
     from app.observability.logs import configure_logging
