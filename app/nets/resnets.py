@@ -91,18 +91,8 @@ class ResNetDual(nn.Module):
         return probs, features
 
 
-class ResNetExtraDual(nn.Module):
-    """ResNetExtra that also answers the backbone's 1000-dim features."""
-
-    def __init__(self, net: ResNet, num_classes: int, n_extra: int = 1) -> None:
-        super().__init__()
-        self.n_extra = n_extra
-        self.num_classes = num_classes
-        self.net = net
-        self.relu = nn.ReLU()
-        self.dropout = nn.Dropout(0.5)
-        self.fc_add = nn.Linear(IMAGENET_CLASSES + n_extra, num_classes)
-        self.output = nn.Softmax(dim=1)
+class ResNetExtraDual(ResNetExtra):
+    """ResNetExtra that also answers the backbone's 1000-dim features (same layers and keys)."""
 
     def forward(self, image: torch.Tensor, scalar: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.net(image)
