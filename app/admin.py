@@ -1,31 +1,40 @@
 """Admin actions: (re)load, unload and upload checkpoints, each with one audit line.
 
-Uploads are state_dict checkpoints only: they are checked with
-``torch.load(weights_only=True)`` before they land, and written atomically
-(temporary file, fsync, rename) so a crash leaves the old file or the new one.
+Uploads are state_dict checkpoints only. A version is immutable and complete or
+absent: the upload is streamed into the store's staging folder (which discovery
+never reads), validated there off the event loop (weights-only read, then a
+strict load into the configured architecture), and only then does the whole
+version folder (with the model folder, for a new model) appear by one rename.
+The admin API can never widen what loading may execute: ``trusted`` and
+``format = "whole_model"`` are refused in an uploaded model.toml.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
-import tempfile
+import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-from app.errors import InvalidInput, ServiceError
+from app.errors import Conflict, InvalidInput, ServiceError
+from app.loading import CheckpointSpec, load_checkpoint
 from app.registry import ModelRegistry, ModelStatus
 from app.store import ModelStore
-from app.store.model_config import load_model_config, parse_model_config
+from app.store.model_config import ModelConfig, load_model_config, parse_model_config
 from app.store.store import check_name, check_version
-from app.store.writer import atomic_write_bytes, fsync_dir
+from app.store.writer import fsync_dir
+
+_WRITE_BLOCK = 4 << 20  # bytes gathered before one write (and digest update) in a worker thread
 
 audit_log = logging.getLogger("modserve.audit")
 
@@ -90,54 +99,91 @@ class AdminService:
         check_name(name)
         version = check_version(version)
         folder = self.store.root / name
+        if folder.exists() or folder.is_symlink():
+            self.store.inside(folder)
         toml_path = folder / "model.toml"
+        current = load_model_config(self.store.inside(toml_path)) if toml_path.is_file() else None
         if model_toml is not None:
-            config = parse_model_config(_toml(model_toml), source=f"{name}/model.toml (uploaded)")
-        elif toml_path.is_file():
-            self.store.inside(toml_path)
-            config = load_model_config(toml_path)
+            config = _uploaded_config(model_toml, name, current)
+        elif current is not None:
+            config = current
         else:
             raise InvalidInput(f"model {name!r} does not exist yet: send its model.toml in the same request")
-        target_dir = self._version_dir(name, version)
-        file_name = config.checkpoint.file or "model.pt"
-        target = target_dir / file_name
-        sha = await self._receive_checked(chunks, target)
-        if model_toml is not None:
-            atomic_write_bytes(toml_path, model_toml)
-        return UploadResult(name, version, sha, target)
-
-    def _version_dir(self, name: str, version: str) -> Path:
-        root = self.store.real_root
-        folder = self.store.root / name
-        if folder.exists():
-            self.store.inside(folder)
         target = folder / version
-        if target.is_symlink() or target.exists():
-            target = self.store.inside(target)
-        target.mkdir(parents=True, exist_ok=True)
-        if not target.resolve().is_relative_to(root):
-            raise InvalidInput(f"version folder {version!r} points outside the model store")
-        return target
-
-    async def _receive_checked(self, chunks: AsyncIterator[bytes], target: Path) -> str:
-        """Stream into a temporary file beside ``target``, check it, then rename it in place."""
-        digest = hashlib.sha256()
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".upload", dir=target.parent)
-        tmp = Path(tmp_name)
+        if target.exists() or target.is_symlink():
+            self.store.inside(target)
+            raise Conflict(
+                f"model {name!r} already has version {version}: versions are immutable, upload a new version number"
+            )
+        stage = self.store.staging / uuid.uuid4().hex
+        staged_version = stage / version
+        staged_version.mkdir(parents=True)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                async for chunk in chunks:
-                    digest.update(chunk)
-                    fh.write(chunk)
-                fh.flush()
-                os.fsync(fh.fileno())
-            _check_state_dict(tmp)
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(target.parent)
-        return digest.hexdigest()
+            checkpoint = staged_version / (config.checkpoint.file or "model.pt")
+            sha = await _receive(chunks, checkpoint)
+            await asyncio.to_thread(validate_upload, config, checkpoint, version)
+            if model_toml is not None:
+                (stage / "model.toml").write_bytes(model_toml)
+            await asyncio.to_thread(self._publish, stage, folder, version, model_toml is not None)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+        return UploadResult(name, version, sha, target / checkpoint.name)
+
+    def _publish(self, stage: Path, folder: Path, version: str, new_toml: bool) -> None:
+        """Make the validated version visible with one rename (the whole folder for a new model)."""
+        try:
+            if not folder.exists():
+                os.rename(stage, folder)
+                fsync_dir(self.store.root)
+                return
+            os.rename(stage / version, folder / version)
+            fsync_dir(folder)
+            if new_toml:
+                os.replace(stage / "model.toml", folder / "model.toml")
+                fsync_dir(folder)
+        except OSError as exc:  # a concurrent upload of the same version or model won the rename
+            raise Conflict(f"{folder.name} version {version} was created by another upload: {exc.strerror}") from None
+
+
+def _uploaded_config(data: bytes, name: str, current: ModelConfig | None) -> ModelConfig:
+    """Parse an uploaded model.toml and refuse anything that would widen what loading may execute."""
+    raw = _toml(data)
+    checkpoint = raw.get("checkpoint")
+    if isinstance(checkpoint, dict):
+        if "trusted" in checkpoint:
+            raise InvalidInput(
+                "checkpoint.trusted cannot be set through the admin API: full unpickling runs the file's code, "
+                "so only an operator can allow it, on disk and with MODSERVE_ALLOW_TRUSTED_CHECKPOINTS"
+            )
+        if checkpoint.get("format") == "whole_model":
+            what = "changing the format of an existing model" if current is not None else "a new model with"
+            raise InvalidInput(
+                f'{what} format = "whole_model" is refused through the admin API: uploads are state_dict '
+                'checkpoints (use format = "state_dict" or "auto")'
+            )
+    return parse_model_config(raw, source=f"{name}/model.toml (uploaded)")
+
+
+async def _receive(chunks: AsyncIterator[bytes], target: Path) -> str:
+    """Stream the body to ``target``; writes and hashing run in a worker thread, never on the loop."""
+    digest = hashlib.sha256()
+    with open(target, "wb") as fh:
+        block = bytearray()
+        async for chunk in chunks:
+            block += chunk
+            if len(block) >= _WRITE_BLOCK:
+                await asyncio.to_thread(_write, fh, digest, bytes(block))
+                block.clear()
+        await asyncio.to_thread(_write, fh, digest, bytes(block), True)
+    return digest.hexdigest()
+
+
+def _write(fh: IO[bytes], digest: Any, data: bytes, last: bool = False) -> None:
+    digest.update(data)
+    fh.write(data)
+    if last:
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def _toml(data: bytes) -> dict[str, Any]:
@@ -149,19 +195,23 @@ def _toml(data: bytes) -> dict[str, Any]:
         raise InvalidInput(f"uploaded model.toml is not valid TOML: {exc}") from None
 
 
-def _check_state_dict(path: Path) -> None:
-    """Accept only what a plain ``weights_only`` load reads: tensors in (nested) dicts."""
+def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
+    """The staged file must be a plain state_dict that loads strictly into the configured net."""
     if path.stat().st_size == 0:
         raise InvalidInput("uploaded checkpoint is empty")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means we refuse the file
-        reason = str(exc).splitlines()[0][:300]
+        reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         raise InvalidInput(
             "uploads must be state_dict checkpoints readable with weights_only=True "
             f"(whole-model pickles are refused): {reason}"
         ) from None
-    if not isinstance(obj, dict) or not any(
-        isinstance(v, torch.Tensor) or isinstance(v, dict) for v in obj.values()
-    ):
+    if not isinstance(obj, dict) or not any(isinstance(v, (torch.Tensor, dict)) for v in obj.values()):
         raise InvalidInput("uploaded checkpoint holds no state_dict (a dict of tensors)")
+    del obj
+    spec = CheckpointSpec(path=path, format="state_dict", sha256=config.checkpoint.sha256_for(version))
+    loaded = load_checkpoint(config.architecture, config.arguments, spec, "cpu")
+    bad = [k for k, t in loaded.model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+    if bad:
+        raise InvalidInput(f"uploaded weights hold NaN or infinite values (e.g. {', '.join(bad[:3])})")

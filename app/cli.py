@@ -9,6 +9,8 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
     from app.config import Settings
     from app.main import create_app
     from app.observability.logs import configure_logging
@@ -17,7 +19,13 @@ def _serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {
         "store": args.store, "host": args.host, "port": args.port, "device": args.device,
     }.items() if v is not None}
-    settings = Settings(**overrides)  # flags win over MODSERVE_* variables
+    try:
+        settings = Settings(**overrides)  # flags win over MODSERVE_* variables
+    except ValidationError as exc:
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"])
+            print(f"modserve: invalid setting {key} (MODSERVE_{key.upper()}): {err['msg']}", file=sys.stderr)
+        return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.demo_if_empty:
         from app.demo_store import ensure_demo_store

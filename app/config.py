@@ -14,6 +14,9 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+MIN_TOKEN_LENGTH = 16
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODSERVE_", extra="ignore")
 
@@ -25,10 +28,17 @@ class Settings(BaseSettings):
     device: str = "auto"
     """Default device for models whose model.toml says ``auto``: cuda:0 when present, else cpu."""
     admin_token: SecretStr | None = None
-    """Bearer token for the admin API; unset means the admin API answers 403."""
+    """Bearer token for the admin API; unset means the admin API answers 403. At least 16 characters."""
+    allow_trusted_checkpoints: bool = False
+    """Let models whose model.toml (written by the operator on disk) says ``trusted = true`` be fully
+    unpickled. Off by default; the admin API can never set ``trusted``."""
+    strict_readiness: bool = False
+    """Readiness rule. Strict: every model in the store that should serve is serving. Not strict
+    (default): at least one model serves and none is still loading for the first time."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    log_format: Literal["json", "text"] = "json"
-    """One JSON object per line (for log pipelines), or plain text for a terminal."""
+    log_format: Literal["json", "text"] | None = None
+    """One JSON object per line (for log pipelines), or plain text; unset: text when stderr is a
+    terminal, JSON otherwise (containers, CI)."""
 
     # Request handling limits (later issues add more; safe defaults here).
     timeout_ms: float = Field(30_000, gt=0)
@@ -42,10 +52,33 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, gt=0)
     max_instances: int = Field(64, gt=0)
     graceful_timeout: float = Field(30.0, ge=0)
+    max_header_bytes: int = Field(32 * 1024, ge=1024)
+    """Total size of the request line and headers; 431 beyond."""
+    max_header_count: int = Field(100, ge=8)
+    """Number of request headers; 431 beyond."""
+    header_timeout: float = Field(10.0, gt=0)
+    """Seconds to receive a request's line and headers once its first byte arrived; 408 beyond."""
+    body_timeout: float = Field(60.0, gt=0)
+    """Seconds to receive a whole inference request (headers and body); 408 beyond."""
+    upload_timeout: float = Field(3600.0, gt=0)
+    """Seconds to receive a whole admin request (checkpoint uploads); 408 beyond."""
+    keep_alive_timeout: float = Field(75.0, gt=0)
+    """Idle keep-alive connections are closed after this; keep it longer than the idle timeout of
+    every proxy, load balancer or pooled client in front (AWS ALB 60 s, nginx 60 s)."""
     warmup: bool = True
     """Run warm-up forwards at load; tests may switch it off for speed."""
     fault_injection: str | None = None
     """Test-only: inject device faults into every model's forward (see app/runtime/faults.py)."""
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_token(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() and len(value.get_secret_value()) < MIN_TOKEN_LENGTH:
+            raise ValueError(
+                f"MODSERVE_ADMIN_TOKEN must be at least {MIN_TOKEN_LENGTH} characters"
+                " (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
+        return value
 
     @field_validator("device")
     @classmethod

@@ -64,12 +64,34 @@ class Overloaded(ServiceError):
         self.headers["Retry-After"] = str(retry_after)
 
 
+class RequestTimeout(ServiceError):
+    """The client did not send the whole request in time; the connection is closed."""
+
+    status_code = 408
+
+    def __init__(self, message: str, **extra: Any) -> None:
+        super().__init__(message, **extra)
+        self.headers["Connection"] = "close"
+
+
+class ClientClosedRequest(ServiceError):
+    """The client hung up before its answer was ready; nobody is left to read the status."""
+
+    status_code = 499  # nginx's "client closed request"
+
+
 class DeadlineExceeded(ServiceError):
     status_code = 504
 
 
 class Conflict(ServiceError):
     status_code = 409
+
+
+class ModelLoadFailed(ServiceError):
+    """A (re)load that did not change what serves; carries the status of the newest failure."""
+
+    status_code = 422
 
 
 class Unauthorized(ServiceError):
@@ -108,6 +130,14 @@ class UnsafeCheckpoint(CheckpointError):
     def __init__(self, message: str, *, globals_needed: list[str], **extra: Any) -> None:
         super().__init__(message, **extra)
         self.globals_needed = globals_needed
+
+
+class TrustNotAllowed(CheckpointError):
+    """model.toml says ``trusted = true`` but the server does not allow full unpickling."""
+
+
+class InvalidModelOutput(CheckpointError):
+    """The smoke forward gave non-finite or wrongly shaped outputs (e.g. NaN weights)."""
 
 
 class StateDictMismatch(CheckpointError):

@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = ModelStore(settings.store)
-        registry = ModelRegistry(store, settings, metrics=metrics)
+        store.clear_staging()
+        registry = ModelRegistry(store, settings)
         metrics.attach(registry)
         service = InferenceService(registry, settings, state, metrics)
         app.state.settings, app.state.registry, app.state.service = settings, registry, service

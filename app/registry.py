@@ -3,7 +3,8 @@
 The store says what exists on disk; the registry holds what is loaded. A new
 model is fully built off the event loop before it is swapped in under a lock;
 requests already admitted keep their lease on the old one, which is drained
-and released only after they finish.
+and released only after they finish. It publishes ``ModelEvent``s to whoever
+subscribed (metrics, logs) and knows nothing about them.
 """
 
 from __future__ import annotations
@@ -14,18 +15,48 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import Enum
 
 from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
-from app.errors import Conflict, ModelNotFound, ModelNotReady, ServiceError
-from app.observability.metrics import Metrics
+from app.errors import ConfigError, Conflict, ModelLoadFailed, ModelNotFound, ModelNotReady, ServiceError
 from app.runtime.factory import build_runtime, release
 from app.runtime.model_runtime import ModelRuntime
 from app.store import ModelStore
 
 log = logging.getLogger("modserve.registry")
 
-READY, UNAVAILABLE, LOADING, UNLOADED = "READY", "UNAVAILABLE", "LOADING", "UNLOADED"
+
+
+class ModelState(str, Enum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"
+    UNLOADED = "UNLOADED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+READY, UNAVAILABLE, LOADING, UNLOADED = (
+    ModelState.READY, ModelState.UNAVAILABLE, ModelState.LOADING, ModelState.UNLOADED,
+)
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    """What happened to a model: ``loaded``, ``swapped``, ``fallback``, ``failed``, ``unloaded`` or
+    ``batch`` (one forward of ``size`` items)."""
+
+    kind: str
+    model: str
+    version: str | None
+    seconds: float | None = None
+    error: str | None = None
+    size: int | None = None
+
+
+Listener = Callable[[ModelEvent], None]
 
 
 @dataclass
@@ -42,7 +73,7 @@ class LiveModel:
 @dataclass
 class ModelStatus:
     name: str
-    state: str = LOADING
+    state: ModelState = ModelState.LOADING
     version: str | None = None
     reason: str | None = None
     """Why the model is not ready."""
@@ -50,19 +81,30 @@ class ModelStatus:
     """The last failed (re)load, also while an older model keeps serving."""
     live: LiveModel | None = None
     loaded_at: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    """Version folders that discovery skipped, and why."""
 
 
 Builder = Callable[[ModelStore, object, str, Settings], ModelRuntime]
 
 
 class ModelRegistry:
-    def __init__(
-        self, store: ModelStore, settings: Settings, builder: Builder = build_runtime,
-        metrics: Metrics | None = None,
-    ) -> None:
-        self.store, self.settings, self._build, self.metrics = store, settings, builder, metrics
+    def __init__(self, store: ModelStore, settings: Settings, builder: Builder = build_runtime) -> None:
+        self.store, self.settings, self._build = store, settings, builder
         self._status: dict[str, ModelStatus] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._listeners: list[Listener] = []
+
+    def subscribe(self, listener: Listener) -> None:
+        """Call ``listener`` with every ``ModelEvent`` (on the thread that caused it)."""
+        self._listeners.append(listener)
+
+    def _emit(self, event: ModelEvent) -> None:
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a listener's bug must not fail a load or a batch
+                log.exception("event listener failed on %s", event)
 
     # ---- queries ----------------------------------------------------------------
 
@@ -77,6 +119,23 @@ class ModelRegistry:
 
     def all_ready(self) -> bool:
         return all(s.state == READY for s in self._status.values())
+
+    def readiness(self, strict: bool) -> list[ModelStatus]:
+        """The models that keep the server from being ready (empty: ready).
+
+        Models unloaded on purpose do not count. Strict: every other model must serve.
+        Not strict: at least one of them serves and none is still loading for the first time.
+        """
+        wanted = [s for s in self._status.values() if s.state != UNLOADED]
+        waiting = [s for s in wanted if s.live is None]
+        if strict:
+            return waiting
+        loading = [s for s in waiting if s.state == LOADING]
+        if loading:
+            return loading
+        if wanted and len(waiting) == len(wanted):
+            return waiting
+        return []
 
     def get(self, name: str, version: str | None = None) -> LiveModel:
         status = self.status(name)
@@ -114,43 +173,79 @@ class ModelRegistry:
                 log.warning("model %s not loaded: %s", name, exc.message)
 
     async def load(self, name: str, version: str | None = None) -> ModelStatus:
-        """Load or reload ``name``; on failure the previous model keeps serving."""
+        """Load or reload ``name``; on failure the previous model keeps serving.
+
+        Unpinned (no ``version`` here or in model.toml): when the newest version fails, the
+        newest one that loads serves instead, and ``last_error`` says why. Pinned: strict.
+        """
+        if name not in self._status and not self.store.has(name):
+            raise ModelNotFound(f"model {name!r} is not in the store")  # and leaves no trace
         lock = self._locks.setdefault(name, asyncio.Lock())
         if lock.locked():
             raise Conflict(f"model {name!r} is already being loaded; try again when it finishes")
         async with lock:
             status = self._status.setdefault(name, ModelStatus(name))
+            started = time.perf_counter()
             try:
-                entry = self.store.entry(name)
-                if entry.config is None:
-                    raise ServiceError(entry.error or "invalid model.toml", status_code=422)
-                chosen = entry.resolve_version(version)
-                started = time.perf_counter()
-                runtime = await asyncio.to_thread(self._build, self.store, entry, chosen, self.settings)
+                runtime, failures = await self._build_newest(status, version)
             except Exception as exc:  # noqa: BLE001 - any failure must leave the old model serving
                 err = exc if isinstance(exc, ServiceError) else ServiceError(f"{type(exc).__name__}: {exc}")
-                if self.metrics is not None:
-                    self.metrics.observe_load(name, False, None)
+                self._emit(ModelEvent("failed", name, None, error=err.message))
                 status.last_error = f"load failed: {err.message}"
                 if status.live is None:
                     status.state, status.reason = UNAVAILABLE, status.last_error
                 log.warning("loading %s failed: %s", name, err.message)
                 raise err from exc
-            if self.metrics is not None:
-                self.metrics.observe_load(name, True, time.perf_counter() - started)
+            if failures:
+                status.last_error = "load failed: " + _describe(failures)
+                served = runtime.version if runtime is not None else status.version
+                log.warning("model %s: newest version(s) failed, serving version %s (%s)",
+                            name, served, status.last_error)
+                self._emit(ModelEvent("fallback", name, served, error=status.last_error))
+            if runtime is None:  # the version already serving is the newest that loads
+                raise ModelLoadFailed(
+                    f"model {name!r}: {status.last_error}; version {status.version} keeps serving",
+                    status_code=failures[0][1].status_code, serving_version=status.version,
+                )
             new = self._make_live(runtime)
             await new.batcher.start()
             old, status.live = status.live, new
             status.state, status.version = READY, runtime.version
-            status.reason = status.last_error = None
+            status.reason = None
+            if not failures:
+                status.last_error = None
             status.loaded_at = time.time()
-            log.info(
-                "model %s version %s ready on %s in %.2fs",
-                name, runtime.version, runtime.device, time.perf_counter() - started,
-            )
+            seconds = time.perf_counter() - started
+            self._emit(ModelEvent("swapped" if old is not None else "loaded", name, runtime.version, seconds))
+            log.info("model %s version %s ready on %s in %.2fs", name, runtime.version, runtime.device, seconds)
         if old is not None:
             await self._retire(old)
         return status
+
+    async def _build_newest(
+        self, status: ModelStatus, version: str | None
+    ) -> tuple[ModelRuntime | None, list[tuple[str, ServiceError]]]:
+        """Build the asked-for version, or the newest that builds; None: the live one is that version."""
+        entry = self.store.entry(status.name)
+        status.warnings = list(entry.warnings)
+        if entry.config is None:
+            raise ConfigError(entry.error or "invalid model.toml")
+        chosen = entry.resolve_version(version)
+        strict = version is not None or entry.pinned is not None
+        candidates = [chosen] if strict else list(reversed(entry.versions))
+        failures: list[tuple[str, ServiceError]] = []
+        for candidate in candidates:
+            if failures and status.live is not None and status.live.runtime.version == candidate:
+                return None, failures
+            try:
+                runtime = await asyncio.to_thread(self._build, self.store, entry, candidate, self.settings)
+                return runtime, failures
+            except Exception as exc:  # noqa: BLE001 - recorded; then the next older version is tried
+                err = exc if isinstance(exc, ServiceError) else ServiceError(f"{type(exc).__name__}: {exc}")
+                failures.append((candidate, err))
+        if len(failures) == 1:
+            raise failures[0][1]
+        raise ModelLoadFailed("no version loads: " + _describe(failures), status_code=failures[0][1].status_code)
 
     def mark_unavailable(self, name: str, live: LiveModel, reason: str) -> None:
         """Take a model whose device failed out of service (if it is still the current one)."""
@@ -165,6 +260,7 @@ class ModelRegistry:
         async with lock:
             old, status.live = status.live, None
             status.state, status.reason = UNLOADED, "unloaded by an administrator"
+        self._emit(ModelEvent("unloaded", name, status.version))
         if old is not None:
             await self._retire(old)
         return status
@@ -181,9 +277,8 @@ class ModelRegistry:
             f"{runtime.name}-v{runtime.version}", runtime.run_batch, policy,
             group_key=lambda item: item.group_key(),
         )
-        if self.metrics is not None:
-            metrics, name = self.metrics, runtime.name
-            batcher.on_batch = lambda size, seconds: metrics.observe_batch(name, size, seconds)
+        name, version = runtime.name, runtime.version
+        batcher.on_batch = lambda size, seconds: self._emit(ModelEvent("batch", name, version, seconds, size=size))
         return LiveModel(runtime, batcher)
 
     async def _retire(self, old: LiveModel) -> None:
@@ -197,3 +292,7 @@ class ModelRegistry:
             if status.live is not None:
                 live, status.live = status.live, None
                 await live.batcher.stop()
+
+
+def _describe(failures: list[tuple[str, ServiceError]]) -> str:
+    return "; ".join(f"version {v}: {e.message}" for v, e in failures)

@@ -11,6 +11,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.http_protocol import protocol_for
 
 log = logging.getLogger("modserve.server")
 
@@ -42,5 +43,7 @@ def serve(app: FastAPI, settings: Settings) -> None:
         log_config=None,  # keep the handlers configure_logging installed
         access_log=False,  # the request log line comes from our middleware
         timeout_graceful_shutdown=int(settings.graceful_timeout) or None,
+        timeout_keep_alive=int(max(1, round(settings.keep_alive_timeout))),
+        http=protocol_for(settings),
     )
     DrainingServer(config, app).run()

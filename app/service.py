@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from app.config import Settings
-from app.errors import InvalidInput, PayloadTooLarge
+from app.errors import InvalidInput, Overloaded, PayloadTooLarge
 from app.lifecycle import ServerState
 from app.observability.context import current, note_model
 from app.observability.metrics import Metrics
@@ -64,6 +64,23 @@ class InferenceService:
         *,
         outputs: frozenset[str] | None = None,
         version: str | None = None,
+        timeout_ms: float | None = None,
+    ) -> Prediction:
+        """Run ``instances`` through the model; holds one of the server's inference slots meanwhile
+        (taken here, after the body is in, so slow senders never hold one)."""
+        if self.state.inflight >= self.settings.max_concurrency:
+            raise Overloaded(
+                f"server is at its concurrency limit ({self.settings.max_concurrency}); retry later"
+            )
+        self.state.inflight += 1
+        try:
+            return await self._predict(name, instances, outputs, version, timeout_ms)
+        finally:
+            self.state.inflight -= 1
+
+    async def _predict(
+        self, name: str, instances: Sequence[Instance], outputs: frozenset[str] | None,
+        version: str | None, timeout_ms: float | None,
     ) -> Prediction:
         if not instances:
             raise InvalidInput("no instances in the request")
@@ -84,7 +101,8 @@ class InferenceService:
                 *(loop.run_in_executor(self._pool, self._prepare, runtime, inst, outputs) for inst in instances)
             )
             items = [item for item, _ in prepared]
-            timeout_ms = runtime.config.runtime.timeout_ms or self.settings.timeout_ms
+            configured = runtime.config.runtime.timeout_ms or self.settings.timeout_ms
+            timeout_ms = min(configured, timeout_ms) if timeout_ms else configured
             deadline = time.monotonic() + timeout_ms / 1000.0
             t1 = time.perf_counter()
             try:
@@ -117,10 +135,12 @@ class InferenceService:
                 color_mode=runtime.config.preprocess.color_mode,
                 max_pixels=self.settings.max_image_pixels,
                 device=runtime.device,
+                check_size=runtime.check_image_size,
             )
             size = (int(raw.shape[1]), int(raw.shape[2]))
             image = runtime.preprocess(raw)
         elif inst.image is not None:
+            runtime.check_image_size(*inst.image.shape[-2:])
             image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32)).to(runtime.device)
             size = None
         else:

@@ -29,7 +29,7 @@ from PIL import Image
 from app import nets
 from app.demo_store import write_model
 
-TOKEN = "soak-admin-token"
+TOKEN = "soak-admin-token-0123456789"
 MODELS: dict[str, dict] = {
     "unet": {"architecture": "unet", "arguments": {"n_classes": 2, "base_channels": 8},
              "preprocess": {"scale": 0.5, "warmup_size": [64, 64]}},

@@ -8,13 +8,9 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
-from app.errors import ServiceError
+from app.errors import ClientClosedRequest
 
 T = TypeVar("T")
-
-
-class ClientDisconnected(ServiceError):
-    status_code = 499  # nginx's "client closed request"; nobody is left to read it
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -33,7 +29,7 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
         if task in done:
             return task.result()
         task.cancel()
-        raise ClientDisconnected("client disconnected before the prediction finished")
+        raise ClientClosedRequest("client disconnected before the prediction finished")
     finally:
         watcher.cancel()
         if not task.done():

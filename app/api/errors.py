@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.errors import ServiceError
 
@@ -27,7 +28,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         if exc.status_code >= 500 and exc.status_code not in (503, 504):
             log.error("%s %s failed: %s", request.method, request.url.path, exc.message)
+        elif exc.status_code == 499:
+            log.info("%s %s: %s", request.method, request.url.path, exc.message)
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client hung up while sending its body: not a server fault, and nobody reads this answer.
+        log.info("%s %s: client disconnected before sending the whole body", request.method, request.url.path)
+        return JSONResponse({"error": "client disconnected"}, status_code=499)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -81,6 +81,8 @@ async def parse_multipart(request: Request) -> list[Instance]:
 def parse_json_body(body: bytes) -> list[Instance]:
     try:
         doc = json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise InvalidInput("request body is not valid JSON: nested too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         if isinstance(exc, InvalidInput):
             raise

@@ -56,6 +56,33 @@ SUSPICIOUS_MODULES = frozenset(
     }
 )
 
+# Globals that execute code or commands when a pickle calls them. Refused even for a
+# ``trusted`` checkpoint: trust covers the author's model classes, never a shell.
+_CODE_MODULES = frozenset({
+    "os", "posix", "nt", "subprocess", "_posixsubprocess", "runpy", "pty", "ctypes", "importlib",
+    "code", "codeop", "marshal", "pickle", "_pickle", "webbrowser", "shutil", "socket", "sys",
+    "multiprocessing", "commands", "popen2", "asyncio", "_thread", "threading", "signal",
+})
+_CODE_BUILTINS = frozenset({
+    "exec", "eval", "compile", "__import__", "open", "getattr", "setattr", "delattr", "breakpoint",
+    "input", "globals", "locals", "vars", "execfile", "apply", "reload",
+})
+_CODE_OPERATORS = frozenset({"attrgetter", "methodcaller"})
+
+
+def runs_code(name: str) -> bool:
+    """Whether the pickle global ``module.attr`` is a known code-execution callable."""
+    module, _, attr = name.rpartition(".")
+    root = module.split(".")[0]
+    if root in _CODE_MODULES:
+        return True
+    if module in ("builtins", "__builtin__"):
+        return attr in _CODE_BUILTINS
+    if module in ("operator", "_operator"):
+        return attr in _CODE_OPERATORS
+    return False
+
+
 # What plain pickle.dump writes for a tensor's storage: it calls torch.load(weights_only=False).
 RAW_PICKLE_TENSOR = "torch.storage._load_from_bytes"
 

@@ -31,6 +31,7 @@ from app.loading.allowlist import (
     as_safe_globals,
     build_allowlist,
     qualname,
+    runs_code,
     unsafe_globals,
 )
 from app.loading.files import (
@@ -183,6 +184,13 @@ def _unpickle(
         safe = as_safe_globals({name: allowed[name] for name in needed})
         return torch_load(fh, safe=safe, needed=lambda: list(needed))
     if spec.trusted and spec.format != "state_dict":
+        dangerous = [g for g in needed if runs_code(g)]
+        if dangerous:
+            raise UnsafeCheckpoint(
+                f"{path}: refusing to unpickle even though trusted = true: it calls {', '.join(dangerous)},"
+                " which runs commands or code; no model class needs that, so the file is not what it claims",
+                globals_needed=list(needed),
+            )
         log.warning("trusted checkpoint %s: full unpickling (weights_only=False) for %s", path, refused)
         return torch_load(fh, weights_only=False)
     if not refused:

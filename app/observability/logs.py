@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import time
 from typing import Any
 
@@ -37,13 +39,35 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def configure_logging(level: str = "info", fmt: str = "json") -> None:
+# C0 and C1 control characters (newlines, ANSI escapes, ...) and the Unicode line separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_control(text: str) -> str:
+    """``\n`` -> ``\\n``, ESC -> ``\\x1b``: a client cannot forge a log line or drive a terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record with every field escaped; a traceback follows indented, so no line a
+    client controls can pass for a record of its own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        request_id = escape_control(str(getattr(record, "request_id", None)))
+        line = f"{record.levelname:<8} {record.name} [{request_id}]: {escape_control(record.getMessage())}"
+        if record.exc_info:
+            trace = self.formatException(record.exc_info)
+            line += "".join(f"\n    | {escape_control(t)}" for t in trace.splitlines())
+        return line
+
+
+def configure_logging(level: str = "info", fmt: str | None = None) -> None:
+    """``fmt`` None: plain text when stderr is a terminal (a person reads it), JSON otherwise."""
+    if fmt is None:
+        fmt = "text" if sys.stderr.isatty() else "json"
     handler = logging.StreamHandler()
     handler.addFilter(RequestIdFilter())
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(levelname)-8s %(name)s [%(request_id)s]: %(message)s"))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -16,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from app.registry import ModelRegistry
+    from app.registry import ModelEvent, ModelRegistry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -72,8 +72,11 @@ class Metrics:
         self.batch_size = Histogram(
             "modserve_batch_size", "Items per forward", ["model"], buckets=BATCH_BUCKETS, registry=r,
         )
-        self.loads = Counter("modserve_model_loads_total", "Model loads and reloads by result", ["model", "result"],
-                             registry=r)
+        self.loads = Counter(
+            "modserve_model_loads_total",
+            "Model loads and reloads by result: success, failure, or fallback (the newest version failed and an"
+            " older one serves)", ["model", "result"], registry=r,
+        )
         self.load_duration = Histogram(
             "modserve_model_load_duration_seconds", "Time to build, load, smoke-test and warm a model", ["model"],
             buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
@@ -82,11 +85,19 @@ class Metrics:
         r.register(self._state)
 
     def attach(self, registry: ModelRegistry) -> None:
+        """Read the registry's state at scrape time and count its events."""
         self._state.registry = registry
+        registry.subscribe(self.on_event)
 
-    def observe_batch(self, model: str, size: int, seconds: float) -> None:
-        self.batch_size.labels(model).observe(size)
-
+    def on_event(self, event: ModelEvent) -> None:
+        if event.kind == "batch" and event.size is not None:
+            self.batch_size.labels(event.model).observe(event.size)
+        elif event.kind in ("loaded", "swapped"):
+            self.observe_load(event.model, True, event.seconds)
+        elif event.kind == "failed":
+            self.observe_load(event.model, False, None)
+        elif event.kind == "fallback":
+            self.loads.labels(event.model, "fallback").inc()
 
     def observe_stages(self, model: str, family: str, **seconds: float) -> None:
         for stage, value in seconds.items():

@@ -10,6 +10,7 @@ import torch
 
 from app.config import Settings
 from app.devices import resolve_device
+from app.errors import TrustNotAllowed
 from app.loading import CheckpointSpec, load_checkpoint
 from app.runtime.model_runtime import ModelRuntime
 from app.store import ModelEntry, ModelStore
@@ -18,6 +19,12 @@ from app.store import ModelEntry, ModelStore
 def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: Settings) -> ModelRuntime:
     config = entry.config
     assert config is not None, "caller checks entry.error first"
+    if config.checkpoint.trusted and not settings.allow_trusted_checkpoints:
+        raise TrustNotAllowed(
+            f"model {entry.name}: model.toml says trusted = true (full unpickling, which runs the file's code), "
+            "but the server does not allow it; set MODSERVE_ALLOW_TRUSTED_CHECKPOINTS=true to allow it, "
+            "or save the model's state_dict instead"
+        )
     device = resolve_device(config.runtime.device, settings.device)
     path = store.checkpoint_path(entry, version)
     spec = CheckpointSpec(
@@ -38,6 +45,7 @@ def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: 
         metadata=loaded.metadata,
     )
     runtime.smoke_test()
+    runtime.set_pixel_limit(settings.max_image_pixels)
     if settings.warmup:
         sizes = sorted({1, config.runtime.max_batch_size})
         runtime.warmup(tuple(sizes))

@@ -7,7 +7,10 @@ decompression bomb is refused quickly with flat memory.
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,12 +27,17 @@ _OTHER_FORMATS = {
     b"SIMPLE  =": "FITS", b"%PDF": "PDF",
 }
 
+# What Pillow's PNG/JPEG/WebP plugins raise for a file they cannot parse (its documented
+# OSError and SyntaxError, and what its struct/zlib/EOF reads leak on truncated data).
+DECODER_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, EOFError, struct.error, zlib.error)
+
 # Our own limit (checked first) is the real one; Pillow's bomb check stays on as a backstop.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
 
 def decode_image(
-    data: bytes, *, color_mode: str, max_pixels: int, device: torch.device | None = None
+    data: bytes, *, color_mode: str, max_pixels: int, device: torch.device | None = None,
+    check_size: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Decode PNG/JPEG/WebP bytes to a uint8 ``(C, H, W)`` tensor in ``color_mode``.
 
@@ -44,6 +52,12 @@ def decode_image(
             raise UnsupportedMediaType(f"{fmt} images are not supported; send PNG, JPEG or WebP")
     if len(data) > 12 and data[4:8] == b"ftyp":
         raise UnsupportedMediaType("HEIF/AVIF images are not supported; send PNG, JPEG or WebP")
+    webp = webp_canvas(data)
+    if webp is not None and webp[0] * webp[1] > max_pixels:
+        # Pillow's WebP decoder allocates the whole canvas inside Image.open: check before it runs.
+        raise PayloadTooLarge(
+            f"image is {webp[0]}x{webp[1]} = {webp[0] * webp[1]} pixels; the limit is {max_pixels}"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -52,6 +66,12 @@ def decode_image(
         raise InvalidInput("image could not be decoded: not a PNG, JPEG or WebP file") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"image has too many pixels (limit {max_pixels})") from None
+    except ValueError as exc:
+        if "too large" in str(exc):  # PngImagePlugin.MAX_TEXT_CHUNK: a text or ICC chunk bomb
+            raise PayloadTooLarge(f"image metadata is too large: {exc}") from None
+        raise InvalidInput(f"image could not be decoded (corrupt header): {exc}") from None
+    except DECODER_ERRORS as exc:  # header parsing: truncated markers, a WebP the decoder refuses
+        raise InvalidInput(f"image could not be decoded (truncated or corrupt header): {exc}") from None
     width, height = img.size
     if width * height > max_pixels:
         raise PayloadTooLarge(
@@ -59,6 +79,8 @@ def decode_image(
         )
     if width < 1 or height < 1:
         raise InvalidInput("image has no pixels")
+    if check_size is not None:
+        check_size(height, width)  # the model's own limit on what it processes, before any pixel
     if device is not None and device.type == "cuda" and img.format == "JPEG":
         return _decode_jpeg_on_gpu(data, color_mode, device)
     try:
@@ -69,7 +91,7 @@ def decode_image(
                 img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8))
             img = img.convert(color_mode)
         array = np.asarray(img, dtype=np.uint8)
-    except (OSError, ValueError, SyntaxError) as exc:
+    except (ValueError, *DECODER_ERRORS) as exc:
         raise InvalidInput(f"image could not be decoded (truncated or corrupt): {exc}") from None
     if array.ndim == 2:
         array = array[:, :, None]
@@ -77,6 +99,21 @@ def decode_image(
     if device is not None and device.type != "cpu":
         tensor = tensor.pin_memory().to(device, non_blocking=True)
     return tensor
+
+
+def webp_canvas(data: bytes) -> tuple[int, int] | None:
+    """(width, height) a WebP file declares (VP8X canvas, VP8L or VP8 frame), read from its header."""
+    if len(data) < 30 or data[:4] != b"RIFF" or data[8:12] != b"WEBP":
+        return None
+    kind = data[12:16]
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(data[24:27], "little"), 1 + int.from_bytes(data[27:30], "little")
+    if kind == b"VP8L" and data[20] == 0x2F:
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8 " and data[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(data[26:28], "little") & 0x3FFF, int.from_bytes(data[28:30], "little") & 0x3FFF
+    return None
 
 
 def _decode_jpeg_on_gpu(data: bytes, color_mode: str, device: torch.device) -> torch.Tensor:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from app import nets
+from app.errors import ConfigError, InvalidModelOutput, PayloadTooLarge
+from app.runtime.budget import activation_bytes_per_pixel, default_pixel_limit
 from app.runtime.faults import DeviceFault, OutOfDeviceMemory, is_device_fault, is_out_of_memory
 from app.runtime.preprocess import Preprocessor
 from app.store.model_config import ModelConfig
@@ -78,8 +80,15 @@ class ModelRuntime:
         self.takes_extra = self.spec.takes_extra
         self.n_extra = int(self.arguments.get("n_extra", 0)) if self.takes_extra else 0
         self.head_names = self._head_names()
+        labels = config.postprocess.labels
+        if labels and len(labels) != self.num_classes and not (self.task == "segmentation" and self.num_classes == 1):
+            raise ConfigError(
+                f"model {name}: postprocess.labels has {len(labels)} names but the model has {self.num_classes} classes"
+            )
         self.mask_values = self._mask_values()
         self.fault_hook: Callable[[int], None] | None = None  # test-only fault injection
+        self.max_processed_pixels: int | None = config.preprocess.max_processed_pixels
+        """Per-image limit on what the network processes; None: fixed input size (``resize``)."""
 
     # ---- description -------------------------------------------------------------
 
@@ -88,7 +97,7 @@ class ModelRuntime:
             return ("mask", "logits")
         names = self.config.postprocess.output_names or self.spec.heads
         if len(names) != len(self.spec.heads):
-            raise ValueError(
+            raise ConfigError(
                 f"postprocess.output_names has {len(names)} names but {self.config.architecture}"
                 f" has {len(self.spec.heads)} heads ({', '.join(self.spec.heads)})"
             )
@@ -99,7 +108,13 @@ class ModelRuntime:
             return []
         values = self.config.postprocess.mask_values or self.metadata.get("mask_values")
         if values:
-            return [list(v) if isinstance(v, (list, tuple)) else int(v) for v in values]
+            out = [list(v) if isinstance(v, (list, tuple)) else int(v) for v in values]
+            needed = self.num_classes + (self.num_classes == 1)
+            if len(out) < needed:
+                raise ConfigError(
+                    f"model {self.name}: mask_values has {len(out)} entries but the model has {needed} classes"
+                )
+            return out
         n = int(self.arguments["n_classes"])
         if n == 1:
             return [0, 255]
@@ -247,6 +262,29 @@ class ModelRuntime:
             results.append(result)
         return results
 
+    def set_pixel_limit(self, ceiling: int) -> None:
+        """Unless model.toml sets one, derive the processed-pixel limit from this model and device."""
+        if self.max_processed_pixels is not None or self.preprocess.resize is not None:
+            return
+        item = self.dummy_item()
+        args = [item.image.unsqueeze(0).to(self.device)]
+        if item.scalar is not None:
+            args.append(item.scalar.unsqueeze(0).to(self.device))
+        per_pixel = activation_bytes_per_pixel(self.model, tuple(args))
+        self.max_processed_pixels = default_pixel_limit(per_pixel, self.device, ceiling)
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """Refuse (413) an image whose processed size exceeds the limit, before decoding its pixels."""
+        if self.max_processed_pixels is None:
+            return
+        h, w = self.preprocess.target_size(height, width)
+        if h * w > self.max_processed_pixels:
+            how = f" after scale {self.preprocess.cfg.scale:g}" if self.preprocess.cfg.scale else ""
+            raise PayloadTooLarge(
+                f"image of {width}x{height} would be processed at {w}x{h} = {w * h} pixels{how}; model "
+                f"{self.name} processes at most {self.max_processed_pixels} pixels per image: send a smaller image"
+            )
+
     def dummy_item(self) -> InferenceItem:
         h, w = self.preprocess.warmup_size()
         image = torch.zeros(self.preprocess.channels, h, w)
@@ -258,12 +296,14 @@ class ModelRuntime:
         (result,) = self._forward([self.dummy_item()])
         for name, arr in result.items():
             if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                raise ValueError(f"smoke inference of {self.name}: output {name!r} is not finite")
+                raise InvalidModelOutput(
+                    f"smoke inference of {self.name}: output {name!r} is not finite (NaN or infinite weights?)"
+                )
         expected = {s.name: s for s in self.output_specs()}
         for name, arr in result.items():
             want = expected[name].shape[1:]
             if len(want) != arr.ndim or any(w not in (-1, a) for w, a in zip(want, arr.shape)):
-                raise ValueError(
+                raise InvalidModelOutput(
                     f"smoke inference of {self.name}: output {name!r} has shape {arr.shape}, expected {want}"
                 )
 

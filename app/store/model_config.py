@@ -78,6 +78,9 @@ class PreprocessConfig(BaseModel):
     std: tuple[float, ...] = (1.0,)
     warmup_size: tuple[int, int] | None = None
     """(height, width) of the warm-up forward when ``resize`` is not set."""
+    max_processed_pixels: int | None = Field(None, ge=1)
+    """Most pixels the network may process per image (after scale/resize); 413 beyond. Unset: derived
+    at load time from the model's activation size and the device's memory."""
 
     @model_validator(mode="after")
     def _one_geometry(self) -> "PreprocessConfig":

@@ -182,6 +182,8 @@ def decode_json_data(
             raise CodecError(f"{where}: data is ragged; nested lists must be regular") from None
         want = DTYPES[datatype]
         kind = arr.dtype.kind
+        if datatype != "BOOL" and arr.size and (kind == "b" or (kind in "iuf" and _holds_bool(data))):
+            raise CodecError(f"{where}: {datatype} data must be numbers, not true/false")
         if arr.size and datatype == "BOOL" and kind != "b":
             raise CodecError(f"{where}: BOOL data must be true/false")
         if arr.size and want.kind in "iu" and kind not in "iub":
@@ -195,6 +197,14 @@ def decode_json_data(
     if arr.size != count:
         raise CodecError(f"{where}: data has {arr.size} elements but shape {list(shape)} needs {count}")
     return arr.reshape(shape)
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    """Whether a (regular, nested) JSON list holds a JSON boolean: numpy would read it as 0 or 1."""
+    types = set(map(type, data))
+    if bool in types:
+        return True
+    return list in types and any(_holds_bool(v) for v in data if isinstance(v, list))
 
 
 def _flatten(data: list[Any], where: str, depth: int = 0) -> list[Any]:

@@ -39,6 +39,7 @@ class InferRequest:
     inputs: list[Tensor]
     outputs: list[RequestedOutput] | None  # None: every output
     binary_output: bool
+    timeout_ms: float | None = None
 
 
 def _bool_param(params: dict[str, Any], key: str, where: str) -> bool | None:
@@ -54,6 +55,22 @@ def _params(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CodecError(f"{where}: 'parameters' must be an object")
     return value
+
+
+def _request_options(params: dict[str, Any]) -> float | None:
+    """Refuse request parameters whose meaning we cannot honour; return tritonclient's ``timeout``
+    (microseconds) as a deadline in milliseconds."""
+    sequence = sorted(k for k in params if k.startswith("sequence_"))
+    if sequence:
+        raise CodecError(f"request: {', '.join(sequence)}: stateful sequences are not supported (models are stateless)")
+    if params.get("priority", 0) not in (0, None):
+        raise CodecError("request: 'priority' is not supported: every request has the same priority")
+    timeout = params.get("timeout")
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+        raise CodecError(f"request: parameter 'timeout' must be a positive integer (microseconds), got {timeout!r}")
+    return timeout / 1000.0
 
 
 def _requested_outputs(value: Any) -> list[RequestedOutput] | None:
@@ -92,6 +109,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             inputs=decode_inputs(doc.get("inputs"), binary),
             outputs=_requested_outputs(doc.get("outputs")),
             binary_output=bool(_bool_param(params, "binary_data_output", "request")),
+            timeout_ms=_request_options(params),
         )
     except CodecError as exc:
         raise BadRequest(str(exc)) from None
@@ -226,7 +244,9 @@ async def infer(
     instances = to_instances(runtime, request.inputs)
     selected = frozenset(o.name for o in request.outputs) if request.outputs else None
     try:
-        prediction = await service.predict(name, instances, outputs=selected, version=version)
+        prediction = await service.predict(
+            name, instances, outputs=selected, version=version, timeout_ms=request.timeout_ms
+        )
     except (InvalidInput, UnsupportedMediaType) as exc:
         raise BadRequest(exc.message) from exc
     big = big or sum(r.nbytes for res in prediction.results for r in res.values()) > _OFFLOAD_BYTES

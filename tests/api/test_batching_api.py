@@ -11,7 +11,8 @@ import httpx
 import numpy as np
 import pytest
 
-from app.api.disconnect import ClientDisconnected, unless_disconnected
+from app.api.disconnect import unless_disconnected
+from app.errors import ClientClosedRequest
 from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
 from app.demo_store import write_model
@@ -83,7 +84,7 @@ def test_disconnected_client_never_reaches_the_model() -> None:
         second = asyncio.ensure_future(unless_disconnected(request, batcher.submit(2)))  # type: ignore[arg-type]
         await asyncio.sleep(0.05)
         request.gone.set()
-        with pytest.raises(ClientDisconnected):
+        with pytest.raises(ClientClosedRequest):
             await second
         release.set()
         assert await first == 1

@@ -54,8 +54,14 @@ def test_not_ready_503_with_reason(client: TestClient) -> None:
     _err(predict(client, "broken", files={"image": ("a.png", image_bytes())}), 503, "not ready", "checkpoint")
     info = client.get("/v1/models/broken").json()
     assert info["ready"] is False and "checkpoint" in info["reason"].lower()
-    ready = client.get("/v2/health/ready")
-    _err(ready, 503, "broken")
+    # Default readiness: the other models serve, so one broken model does not take the replica out.
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    settings = client.app.state.settings
+    client.app.state.settings = settings.model_copy(update={"strict_readiness": True})
+    try:  # strict readiness: every model must serve
+        _err(client.get("/v2/health/ready"), 503, "broken")
+    finally:
+        client.app.state.settings = settings
     assert client.get("/v2/health/live").status_code == 200
 
 

@@ -14,7 +14,7 @@ from app.demo_store import write_model
 from app.main import create_app
 from support.models import build_small, image_bytes, small_configs
 
-TOKEN = "metrics-token"
+TOKEN = "metrics-token-0123456789"
 
 
 def _sample(text: str, metric: str, /, **labels: str) -> float:

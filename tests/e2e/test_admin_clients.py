@@ -14,7 +14,7 @@ from support.models import build_small, small_configs
 from support.server import free_port, run_server
 
 pytestmark = pytest.mark.e2e
-TOKEN = "e2e-admin-token"
+TOKEN = "e2e-admin-token-0123456789"
 
 
 def test_tritonclient_load_unload_and_index(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from support.models import write_small_store
 from support.server import free_port, run_server
 
 pytestmark = pytest.mark.e2e
-TOKEN = "fuzz-admin-token"
+TOKEN = "fuzz-admin-token-0123456789"
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
 
 

@@ -98,9 +98,11 @@ def test_symlink_leaving_the_store_is_refused(tmp_path: Path) -> None:
     os.symlink(outside / "1", root / "a" / "1")
     store = ModelStore(root)
     entry = store.entry("a")
-    assert entry.versions == ["1"]
+    assert entry.versions == [] and "outside the model store" in entry.warnings[0]  # never served
     with pytest.raises(InvalidInput, match="outside the model store"):
         store.checkpoint_path(entry, "1")
+    with pytest.raises(InvalidInput, match="outside the model store"):
+        entry.resolve_version("1")
 
 
 def test_single_checkpoint_found_without_file_key(tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ async def _optional_json(request: Request) -> dict[str, Any]:
                         422: {"description": "Bad checkpoint or model.toml: the old model keeps serving"}})
 async def load(name: str, request: Request) -> dict[str, Any]:
     params = (await _optional_json(request)).get("parameters", {})
+    _refuse_unsupported(params, allowed={"version"}, action="load")
     version = params.get("version")
     if version is not None and not isinstance(version, (str, int)):
         raise BadRequest("parameters.version must be a string of digits")
@@ -58,9 +59,22 @@ async def load(name: str, request: Request) -> dict[str, Any]:
 @router.post("/v2/repository/models/{name}/unload", summary="Stop serving a model (in-flight requests finish)",
              responses=_AUTH)
 async def unload(name: str, request: Request) -> dict[str, Any]:
-    await _optional_json(request)
+    params = (await _optional_json(request)).get("parameters", {})
+    _refuse_unsupported(params, allowed={"unload_dependents"}, action="unload")
     await _admin(request).unload(name, _client(request))
     return {"name": name, "unload": True}
+
+
+def _refuse_unsupported(params: dict[str, Any], *, allowed: set[str], action: str) -> None:
+    """A parameter that would change what happens (tritonclient's ``config=`` or ``files=``) is not
+    silently ignored: the caller would believe its configuration was applied."""
+    unknown = sorted(set(params) - allowed)
+    if not unknown:
+        return
+    hint = ""
+    if "config" in unknown or any(k.startswith("file:") for k in unknown):
+        hint = ": model configuration comes from model.toml in the store (upload it with PUT /admin/models/...)"
+    raise BadRequest(f"unsupported {action} parameter(s) {', '.join(unknown)}{hint}")
 
 
 async def _file_chunks(upload: UploadFile) -> AsyncIterator[bytes]:

@@ -5,8 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from app.api.deps import RegistryDep, ServerStateDep
-from app.registry import UNLOADED
+from app.api.deps import RegistryDep, ServerStateDep, SettingsDep
 
 router = APIRouter(prefix="/v2/health", tags=["health"])
 
@@ -24,19 +23,21 @@ async def live(state: ServerStateDep) -> JSONResponse:
 
 @router.get(
     "/ready",
-    summary="Readiness: every model in the store is loaded",
+    summary="Readiness: the models serve (MODSERVE_STRICT_READINESS: all of them, else at least one)",
     responses={503: {"description": "Some model is not ready", "content": {"application/json": {"example": {"ready": False, "error": "model unet is not ready: load failed"}}}}},
 )
-async def ready(registry: RegistryDep, state: ServerStateDep) -> JSONResponse:
+async def ready(registry: RegistryDep, state: ServerStateDep, settings: SettingsDep) -> JSONResponse:
     if state.draining:
         return JSONResponse({"ready": False, "error": "server is shutting down"}, status_code=503)
-    # An unloaded model was taken out of service on purpose: it does not make the server unready.
-    not_ready = [s for s in registry.statuses() if s.live is None and s.state != UNLOADED]
+    if state.fatal:
+        return JSONResponse({"ready": False, "error": f"unrecoverable device error: {state.fatal}"}, status_code=503)
+    not_ready = registry.readiness(strict=settings.strict_readiness)
     if not not_ready:
         return JSONResponse({"ready": True})
     reasons = "; ".join(f"{s.name}: {s.reason or s.state.lower()}" for s in not_ready)
+    rule = "not every model is ready" if settings.strict_readiness else "no model is ready yet"
     return JSONResponse(
-        {"ready": False, "error": f"not every model is ready ({reasons})",
+        {"ready": False, "error": f"{rule} ({reasons})",
          "models": {s.name: s.reason or s.state for s in not_ready}},
         status_code=503,
     )
