@@ -3,7 +3,7 @@
 Request bodies are built by tritonclient's own ``generate_request_body`` where the
 binary extension is involved and responses are read with its ``InferResult``, so
 the wire format is the clients' one; JSON bodies are checked against the
-protocol's OpenAPI schemas from ``../shared/specs``.
+protocol's OpenAPI schemas in ``tests/specs`` (copies; origin and licence in its README).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from app.runtime.images import decode_image
 from app.runtime.preprocess import Preprocessor
 from app.store.model_config import PreprocessConfig
 
-SPECS = Path(__file__).resolve().parents[2].parent / "shared" / "specs"
+SPECS = Path(__file__).resolve().parents[1] / "specs"
 HEADER = "Inference-Header-Content-Length"
 CLASSIFIERS = ["resnet50_head", "resnet50_extra", "resnet50_dual", "resnet50_extra_dual"]
 

@@ -251,17 +251,20 @@ def test_kserve_inference_rest_client(server: Server) -> None:
     asyncio.run(run())
 
 
-# ---- the README snippet, as written, against demo-store models ---------------------------------
+# ---- the v2 doc's snippet (docs/v2-protocol.md), as written, against demo-store models ----------
 
 
-def _readme_snippet() -> str:
-    match = re.search(r"<!-- v2-snippet -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+V2_DOC = ROOT / "docs" / "v2-protocol.md"
+
+
+def _doc_snippet() -> str:
+    match = re.search(r"<!-- v2-snippet -->\s*```python\n(.*?)```", V2_DOC.read_text(), re.S)
     if match is None:
-        pytest.fail("no <!-- v2-snippet --> python block in README.md")
+        pytest.fail(f"no <!-- v2-snippet --> python block in {V2_DOC.relative_to(ROOT)}")
     return match.group(1)
 
 
-def test_readme_tritonclient_snippet_runs_against_the_demo_store(tmp_path: Path) -> None:
+def test_v2_doc_tritonclient_snippet_runs_against_the_demo_store(tmp_path: Path) -> None:
     """The models the snippet calls, configured exactly as the demo store writes them."""
     configs = demo_configs()
     for name in ("resnet50_extra", "unet"):
@@ -278,7 +281,7 @@ def test_readme_tritonclient_snippet_runs_against_the_demo_store(tmp_path: Path)
         "MODSERVE_DEVICE": "cpu",
         "MODSERVE_WARMUP": "false",
     }
-    snippet = _readme_snippet().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    snippet = _doc_snippet().replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     with run_server(["-m", "app"], env=env, port=port, log_dir=tmp_path, ready_path="/v2/health/ready"):
-        namespace: dict[str, object] = {"__name__": "readme_snippet"}
-        exec(compile(snippet, "README snippet", "exec"), namespace)  # noqa: S102 - our own doc
+        namespace: dict[str, object] = {"__name__": "v2_doc_snippet"}
+        exec(compile(snippet, "docs/v2-protocol.md snippet", "exec"), namespace)  # noqa: S102 - our own doc
