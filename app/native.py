@@ -86,6 +86,7 @@ def describe(status: Any) -> dict[str, Any]:
         "ready": status.live is not None,
         "reason": status.reason,
         "last_error": status.last_error,
+        "warnings": list(status.warnings),
     }
     if status.live is not None:
         rt = status.live.runtime
@@ -99,6 +100,7 @@ def describe(status: Any) -> dict[str, Any]:
             inputs=[s.to_dict() for s in rt.input_specs()],
             outputs=[s.to_dict() for s in rt.output_specs()],
             labels=rt.labels,
+            max_processed_pixels=rt.max_processed_pixels,
             batching=_batching(status.live),
         )
     return info

@@ -140,7 +140,7 @@ class InferenceService:
             size = (int(raw.shape[1]), int(raw.shape[2]))
             image = runtime.preprocess(raw)
         elif inst.image is not None:
-            runtime.check_image_size(*inst.image.shape[-2:])
+            runtime.check_image_size(*inst.image.shape[-2:], preprocessed=True)
             image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32)).to(runtime.device)
             size = None
         else:

@@ -273,13 +273,13 @@ class ModelRuntime:
         per_pixel = activation_bytes_per_pixel(self.model, tuple(args))
         self.max_processed_pixels = default_pixel_limit(per_pixel, self.device, ceiling)
 
-    def check_image_size(self, height: int, width: int) -> None:
+    def check_image_size(self, height: int, width: int, *, preprocessed: bool = False) -> None:
         """Refuse (413) an image whose processed size exceeds the limit, before decoding its pixels."""
         if self.max_processed_pixels is None:
             return
-        h, w = self.preprocess.target_size(height, width)
+        h, w = (height, width) if preprocessed else self.preprocess.target_size(height, width)
         if h * w > self.max_processed_pixels:
-            how = f" after scale {self.preprocess.cfg.scale:g}" if self.preprocess.cfg.scale else ""
+            how = f" after scale {self.preprocess.cfg.scale:g}" if self.preprocess.cfg.scale and not preprocessed else ""
             raise PayloadTooLarge(
                 f"image of {width}x{height} would be processed at {w}x{h} = {w * h} pixels{how}; model "
                 f"{self.name} processes at most {self.max_processed_pixels} pixels per image: send a smaller image"

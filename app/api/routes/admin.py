@@ -53,7 +53,10 @@ async def load(name: str, request: Request) -> dict[str, Any]:
         raise BadRequest("parameters.version must be a string of digits")
     status = await _admin(request).load(name, None if version is None else str(version), _client(request))
     runtime = status.live.runtime if status.live else None
-    return {"name": name, "load": True, "version": status.version, "sha256": runtime.sha256 if runtime else None}
+    body = {"name": name, "load": True, "version": status.version, "sha256": runtime.sha256 if runtime else None}
+    if status.last_error:  # the newest version failed and an older one serves
+        body["warning"] = status.last_error
+    return body
 
 
 @router.post("/v2/repository/models/{name}/unload", summary="Stop serving a model (in-flight requests finish)",
