@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     max_header_count: int = Field(100, ge=8)
     """Number of request headers; 431 beyond."""
     header_timeout: float = Field(10.0, gt=0)
-    """Seconds to receive a request's line and headers once its first byte arrived; 408 beyond."""
+    """Seconds to receive a request's line and headers, counted from the connection's start (or, on a
+    keep-alive connection, from the first byte of the next request); 408 beyond."""
     body_timeout: float = Field(60.0, gt=0)
     """Seconds to receive a whole inference request (headers and body); 408 beyond."""
     upload_timeout: float = Field(3600.0, gt=0)

@@ -39,7 +39,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._awaiting_head = True  # the next bytes belong to a request line and headers
         self._head_bytes = 0
         self._header_count = 0
-        self._head_done_in_feed = False
+        self._head_done_in_feed = self._head_began_in_feed = False
         self._head_timer: TimerHandle | None = None
         self._refused = False
 
@@ -59,7 +59,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._unset_keepalive_if_required()
         if self._awaiting_head and self._head_timer is None:
             self._start_head_timer()
-        self._head_done_in_feed = False
+        counting = self._awaiting_head  # bytes of this feed belong to a request head only if one was
+        self._head_done_in_feed = self._head_began_in_feed = False  # awaited or began in it
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
@@ -77,7 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             else:
                 self._unsupported_upgrade_warning()
             return
-        if self._awaiting_head and not self._head_done_in_feed:
+        if self._awaiting_head and not self._head_done_in_feed and (counting or self._head_began_in_feed):
             self._head_bytes += len(data)
             if self._head_bytes > self.max_header_bytes:
                 self._refuse(431, f"request line and headers exceed {self.max_header_bytes} bytes")
@@ -92,6 +93,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         self._header_count = 0
+        self._head_began_in_feed = True
         super().on_message_begin()
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -106,7 +108,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
-        self._awaiting_head = True
+        self._awaiting_head, self._head_bytes = True, 0
         super().on_message_complete()
 
     # ---- refusals ----------------------------------------------------------------------------

@@ -14,8 +14,7 @@ from app.registry import LOADING, READY, UNAVAILABLE, ModelRegistry, ModelStatus
 from app.runtime.model_runtime import ModelRuntime, TensorSpec
 
 SERVER_NAME = "modserve"
-# Only what is implemented end to end. ``model_repository`` waits for load/unload (admin issue):
-# tritonclient's load_model would otherwise be promised and fail.
+# Only what is implemented end to end (load/unload of ``model_repository`` need the admin token).
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository")
 PLATFORM = "pytorch_eager"
 IMAGE_BYTES = TensorSpec("image_bytes", "BYTES", (-1,))

@@ -60,7 +60,9 @@ def test_startup_with_corrupt_model_is_live_but_not_ready(tmp_path: Path) -> Non
     (store / "bad" / "1" / "model.pth").write_bytes(b"PK\x03\x04 truncated zip")
     (store / "bad" / "model.toml").write_text('architecture = "unet"\n')
     port = free_port()
-    with run_server(["-m", "app", "--store", str(store), "--port", str(port)], port=port, log_dir=tmp_path) as srv:
+    strict = {"MODSERVE_STRICT_READINESS": "true"}
+    with run_server(["-m", "app", "--store", str(store), "--port", str(port)], port=port, log_dir=tmp_path,
+                    env=strict) as srv:
         assert httpx.get(srv.url + "/v2/health/live").status_code == 200
         ready = httpx.get(srv.url + "/v2/health/ready")
         assert ready.status_code == 503 and "bad" in ready.json()["error"]
@@ -68,3 +70,8 @@ def test_startup_with_corrupt_model_is_live_but_not_ready(tmp_path: Path) -> Non
         assert ok.status_code == 200
         bad = httpx.post(f"{srv.url}/v1/models/bad/predict", files={"image": ("a.png", image_bytes())})
         assert bad.status_code == 503 and "not ready" in bad.json()["error"]
+    # The default (not strict) readiness: the good model serves, so the replica stays in service.
+    port = free_port()
+    with run_server(["-m", "app", "--store", str(store), "--port", str(port)], port=port, log_dir=tmp_path) as srv:
+        assert httpx.get(srv.url + "/v2/health/ready").json() == {"ready": True}
+        assert httpx.get(srv.url + "/v2/models/bad/ready").status_code == 503
