@@ -37,10 +37,20 @@ def test_tritonclient_load_unload_and_index(tmp_path: Path) -> None:
         with pytest.raises(InferenceServerException) as info:
             client.load_model("seg", headers={"Authorization": "Bearer wrong"})
         assert "401" in str(info.value.status()) or "token" in str(info.value).lower()
+        # a config or files the server would not apply are refused, not silently ignored
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("seg", headers=auth, config=json.dumps({"max_batch_size": 2}))
+        assert "400" in str(info.value.status()) and "model.toml" in str(info.value)
+        with pytest.raises(InferenceServerException) as info:
+            client.load_model("seg", headers=auth, config="{}", files={"file:1/model.pt": b"x"})
+        assert "400" in str(info.value.status())
+        client.unload_model("seg", headers=auth, unload_dependents=True)
+        client.load_model("seg", headers=auth)
         client.close()
     log = srv.output()
     assert TOKEN not in log
     audit = [json.loads(json.loads(line)["message"]) for line in log.splitlines()
              if line.startswith("{") and json.loads(line)["logger"] == "modserve.audit"]
     assert [(a["action"], a["result"].split(" ")[0]) for a in audit] == [
-        ("unload", "ok"), ("load", "ok"), ("POST /v2/repository/models/seg/load", "denied")]
+        ("unload", "ok"), ("load", "ok"), ("POST /v2/repository/models/seg/load", "denied"),
+        ("unload", "ok"), ("load", "ok")]
