@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from app.errors import DemoModelsError
+
 log = logging.getLogger("modserve.demo")
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo_models"
@@ -66,10 +68,6 @@ CHECKPOINT_FILES = {UNET_NAME: "shapes_unet.pth", EXTRA_NAME: "shapes_extra.int8
 INT8_FORMAT = "modserve-int8/1"
 MIN_QUANTIZED = 8192
 """Smaller tensors (the fc_add head, biases, BatchNorm) stay float32: they weigh next to nothing."""
-
-
-class DemoModelsError(RuntimeError):
-    """The committed demo checkpoints are missing, altered or unreadable."""
 
 
 def trained_configs(metrics: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:

@@ -80,6 +80,20 @@ class ClientClosedRequest(ServiceError):
     status_code = 499  # nginx's "client closed request"
 
 
+class OutOfDeviceMemory(Overloaded):
+    """The batch did not fit on the device even when split; retry later (or elsewhere)."""
+
+
+class DeviceFault(ServiceError):
+    """An unrecoverable device error: the model is unusable until the process restarts."""
+
+    status_code = 503
+
+
+class CodecError(BadRequest, ValueError):
+    """A v2 tensor or request that does not follow the protocol; the message is for the client."""
+
+
 class DeadlineExceeded(ServiceError):
     status_code = 504
 
@@ -148,7 +162,15 @@ class UnknownArchitecture(CheckpointError):
     pass
 
 
+class CheckpointFormatMismatch(CheckpointError):
+    """The file holds a whole model where a state_dict was configured, the reverse, or TorchScript."""
+
+
 class ConfigError(ServiceError):
     """A model.toml that does not validate; names the file and the key."""
 
     status_code = 422
+
+
+class DemoModelsError(RuntimeError):
+    """The committed demo checkpoints are missing, altered or unreadable (a packaging fault)."""

@@ -21,7 +21,7 @@ from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
 from app.errors import ConfigError, Conflict, ModelLoadFailed, ModelNotFound, ModelNotReady, ServiceError
 from app.runtime.factory import build_runtime, release
-from app.runtime.model_runtime import ModelRuntime
+from app.runtime.base import ModelRuntime
 from app.store import ModelStore
 
 log = logging.getLogger("modserve.registry")

@@ -26,7 +26,7 @@ from app.observability.metrics import Metrics
 from app.registry import ModelRegistry
 from app.runtime.faults import DeviceFault
 from app.runtime.images import decode_image
-from app.runtime.model_runtime import InferenceItem, ModelRuntime
+from app.runtime.base import InferenceItem, ModelRuntime
 
 
 @dataclass
@@ -145,8 +145,7 @@ class InferenceService:
             size = None
         else:
             raise InvalidInput("missing image")
-        orig = size if runtime.task == "segmentation" else None
-        return InferenceItem(image=image, scalar=scalar, orig_size=orig, outputs=outputs), size
+        return runtime.make_item(image, size=size, scalar=scalar, outputs=outputs), size
 
     @staticmethod
     def _scalar(runtime: ModelRuntime, values: Sequence[float] | None) -> torch.Tensor | None:

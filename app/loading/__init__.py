@@ -3,8 +3,8 @@
 Never runs a checkpoint's code unless its spec says ``trusted``; see checkpoint.py.
 """
 
+from app.errors import CheckpointFormatMismatch
 from app.loading.checkpoint import (
-    CheckpointFormatMismatch,
     CheckpointSpec,
     LoadedCheckpoint,
     load_checkpoint,

@@ -19,6 +19,7 @@ from torch import nn
 
 from app.errors import (
     CheckpointCorrupt,
+    CheckpointFormatMismatch,
     ChecksumMismatch,
     ConfigError,
     StateDictMismatch,
@@ -35,7 +36,6 @@ from app.loading.allowlist import (
     unsafe_globals,
 )
 from app.loading.files import (
-    CheckpointFormatMismatch,
     Container,
     file_sha256,
     require_file,

@@ -17,7 +17,13 @@ from typing import Any, BinaryIO, Literal
 
 import torch
 
-from app.errors import CheckpointCorrupt, CheckpointError, CheckpointNotFound, UnsafeCheckpoint
+from app.errors import (
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointFormatMismatch,
+    CheckpointNotFound,
+    UnsafeCheckpoint,
+)
 
 Container = Literal["zip", "legacy"]
 
@@ -26,10 +32,6 @@ Container = Literal["zip", "legacy"]
 TORCH_LOAD_LOCK = threading.RLock()
 
 _ZIP_MAGIC = b"PK\x03\x04"
-
-
-class CheckpointFormatMismatch(CheckpointError):
-    """The file holds a whole model where a state_dict was configured, the reverse, or TorchScript."""
 
 
 _PICKLE_PROTO = 0x80

@@ -41,6 +41,20 @@ class NetSpec:
     """Names of the forward outputs, in order; one name means a plain tensor, not a tuple."""
     defaults: dict[str, Any]
     """Default builder kwargs, so a config can be completed without calling the builder."""
+    head_shapes: tuple[tuple[int | str, ...], ...] = ()
+    """Per head, its shape without the batch dimension: ints, -1 for any size, or the name of the
+    builder argument that sets it (``"num_classes"``)."""
+    classes: str = "num_classes"
+    """The builder argument that holds the number of classes."""
+
+    def head_shape(self, head: str, arguments: dict[str, Any]) -> tuple[int, ...]:
+        """The shape of ``head`` (batch dimension first, as -1) for a net built with ``arguments``."""
+        dims = self.head_shapes[self.heads.index(head)]
+        args = {**self.defaults, **arguments}
+        return (-1, *(int(args[d]) if isinstance(d, str) else d for d in dims))
+
+    def num_classes(self, arguments: dict[str, Any]) -> int:
+        return int({**self.defaults, **arguments}[self.classes])
 
 
 _REGISTRY: dict[str, NetSpec] = {}
@@ -65,13 +79,17 @@ def _return_class(name: str, builder: Builder) -> type[nn.Module]:
 
 
 def register_net(
-    name: str, *, task: Task, heads: tuple[str, ...], takes_extra: bool = False
+    name: str, *, task: Task, heads: tuple[str, ...], takes_extra: bool = False,
+    head_shapes: tuple[tuple[int | str, ...], ...] | None = None, classes: str = "num_classes",
 ) -> Callable[[B], B]:
     """Register a keyword-only builder under ``name``; a name can be registered once only."""
     if task not in _TASKS:
         raise ValueError(f"task must be one of {sorted(_TASKS)}, got {task!r}")
     if not heads:
         raise ValueError("a net has at least one head")
+    shapes = tuple(head_shapes) if head_shapes is not None else tuple((-1,) for _ in heads)
+    if len(shapes) != len(heads):
+        raise ValueError(f"{name}: {len(heads)} heads but {len(shapes)} head shapes")
 
     def decorator(builder: B) -> B:
         if name in _REGISTRY:
@@ -84,6 +102,8 @@ def register_net(
             takes_extra=takes_extra,
             heads=tuple(heads),
             defaults=_keyword_defaults(name, builder),
+            head_shapes=shapes,
+            classes=classes,
         )
         return builder
 

@@ -100,7 +100,7 @@ class ResNetExtraDual(ResNetExtra):
         return self.output(self.fc_add(x)), features
 
 
-@register_net("resnet50_head", task="classification", heads=("probs",))
+@register_net("resnet50_head", task="classification", heads=("probs",), head_shapes=(("num_classes",),))
 def resnet50_head(*, num_classes: int = 10, backbone: str = "resnet50") -> ResNet:
     """torchvision ResNet whose fc is replaced by a small MLP ending in softmax."""
     _check_positive(num_classes=num_classes)
@@ -118,21 +118,29 @@ def resnet50_head(*, num_classes: int = 10, backbone: str = "resnet50") -> ResNe
     return net
 
 
-@register_net("resnet50_extra", task="classification", heads=("probs",), takes_extra=True)
+@register_net(
+    "resnet50_extra", task="classification", heads=("probs",), takes_extra=True, head_shapes=(("num_classes",),)
+)
 def resnet50_extra(*, num_classes: int = 10, n_extra: int = 1, backbone: str = "resnet50") -> ResNetExtra:
     """Image plus ``n_extra`` scalars in, class probabilities out."""
     _check_positive(num_classes=num_classes, n_extra=n_extra)
     return ResNetExtra(make_backbone(backbone), num_classes, n_extra)
 
 
-@register_net("resnet50_dual", task="classification", heads=("probs", "features"))
+@register_net(
+    "resnet50_dual", task="classification", heads=("probs", "features"),
+    head_shapes=(("num_classes",), (IMAGENET_CLASSES,)),
+)
 def resnet50_dual(*, num_classes: int = 10, backbone: str = "resnet50") -> ResNetDual:
     """Image in, (probabilities, 1000-dim features) out."""
     _check_positive(num_classes=num_classes)
     return ResNetDual(make_backbone(backbone), num_classes)
 
 
-@register_net("resnet50_extra_dual", task="classification", heads=("probs", "features"), takes_extra=True)
+@register_net(
+    "resnet50_extra_dual", task="classification", heads=("probs", "features"), takes_extra=True,
+    head_shapes=(("num_classes",), (IMAGENET_CLASSES,)),
+)
 def resnet50_extra_dual(
     *, num_classes: int = 10, n_extra: int = 1, backbone: str = "resnet50"
 ) -> ResNetExtraDual:

@@ -70,7 +70,7 @@ class UNet(nn.Module):
         return logits
 
 
-@register_net("unet", task="segmentation", heads=("logits",))
+@register_net("unet", task="segmentation", heads=("logits",), head_shapes=(("n_classes", -1, -1),), classes="n_classes")
 def unet(*, n_channels: int = 3, n_classes: int = 2, bilinear: bool = False, base_channels: int = 64) -> UNet:
     """Reference U-Net; ``base_channels`` below 64 gives a narrow net that serves fast on CPU."""
     return UNet(n_channels, n_classes, bilinear=bilinear, base_channels=base_channels)

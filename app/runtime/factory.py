@@ -12,8 +12,15 @@ from app.config import Settings
 from app.devices import resolve_device
 from app.errors import TrustNotAllowed
 from app.loading import CheckpointSpec, load_checkpoint
-from app.runtime.model_runtime import ModelRuntime
+from app.nets import net_spec
+from app.runtime.base import ModelRuntime
+from app.runtime.classifier import ClassifierRuntime
+from app.runtime.segmenter import SegmenterRuntime
 from app.store import ModelEntry, ModelStore
+
+RUNTIMES: dict[str, type[ModelRuntime]] = {cls.task: cls for cls in (ClassifierRuntime, SegmenterRuntime)}
+"""One runtime class per model family, keyed by the family the net registry names (a new family
+is one more module and one more entry here)."""
 
 
 def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: Settings) -> ModelRuntime:
@@ -35,7 +42,7 @@ def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: 
         pickled_class_names=config.checkpoint.pickled_class_names,
     )
     loaded = load_checkpoint(config.architecture, config.arguments, spec, device)
-    runtime = ModelRuntime(
+    runtime = RUNTIMES[net_spec(config.architecture).task](
         name=entry.name,
         version=version,
         config=config,

@@ -11,17 +11,9 @@ import time
 
 import torch
 
-from app.errors import Overloaded, ServiceError
+from app.errors import DeviceFault, OutOfDeviceMemory
 
-
-class OutOfDeviceMemory(Overloaded):
-    """The batch did not fit even when split; retry later (or elsewhere)."""
-
-
-class DeviceFault(ServiceError):
-    """An unrecoverable device error: the model is unusable until the process restarts."""
-
-    status_code = 503
+__all__ = ["DeviceFault", "FaultInjector", "OutOfDeviceMemory", "is_device_fault", "is_out_of_memory"]
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

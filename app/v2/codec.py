@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from app.errors import CodecError
+
 # OIP datatype -> little-endian numpy dtype; BYTES is variable-sized (object arrays of ``bytes``).
 DTYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype("?"),
@@ -40,10 +42,6 @@ BYTES = "BYTES"
 DATATYPES = frozenset(DTYPES) | {BYTES}
 _MAX_DIMS = 8
 LEN_PREFIX = struct.Struct("<I")
-
-
-class CodecError(ValueError):
-    """A tensor or request that does not follow the protocol; the message is for the client."""
 
 
 @dataclass

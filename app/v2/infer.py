@@ -17,7 +17,7 @@ import numpy as np
 
 from app.errors import BadRequest, InvalidInput, UnsupportedMediaType
 from app.registry import ModelRegistry
-from app.runtime.model_runtime import ModelRuntime
+from app.runtime.base import ModelRuntime
 from app.service import InferenceService, Instance, Prediction
 from app.v2.codec import BYTES, CodecError, Tensor, decode_inputs, load_json, split_body
 from app.v2.encode import encode_output, join_body

@@ -11,7 +11,7 @@ from typing import Any
 from app import __version__
 from app.errors import BadRequest, ModelNotFound
 from app.registry import LOADING, READY, UNAVAILABLE, ModelRegistry, ModelStatus
-from app.runtime.model_runtime import ModelRuntime, TensorSpec
+from app.runtime.base import ModelRuntime, TensorSpec
 
 SERVER_NAME = "modserve"
 # Only what is implemented end to end (load/unload of ``model_repository`` need the admin token).

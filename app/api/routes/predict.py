@@ -9,7 +9,7 @@ from app.api.deps import ServiceDep
 from app.api.disconnect import unless_disconnected
 from app.api.native_request import parse_predict_request
 from app.api.responses import FastJSONResponse
-from app.native import format_predictions, mask_png, model_headers
+from app.native import model_headers
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
@@ -68,13 +68,12 @@ async def predict(name: str, request: Request, service: ServiceDep) -> Response:
     prediction = await unless_disconnected(request, service.predict(name, instances))
     runtime = prediction.runtime
     headers = model_headers(runtime)
-    wants_png = "image/png" in request.headers.get("accept", "")
-    if runtime.task == "segmentation" and wants_png and len(prediction.results) == 1:
-        png = mask_png(runtime, prediction.results[0]["mask"])
-        return Response(png, media_type="image/png", headers=headers)
+    file = runtime.native_file(prediction.results, request.headers.get("accept", ""))
+    if file is not None:  # e.g. a U-Net's mask as image/png
+        return Response(file[0], media_type=file[1], headers=headers)
     body = {
         "model_name": runtime.name,
         "model_version": runtime.version,
-        "predictions": format_predictions(runtime, prediction.results),
+        "predictions": [runtime.format_native(r) for r in prediction.results],
     }
     return FastJSONResponse(body, headers=headers)

@@ -1,25 +1,29 @@
-"""A loaded net with everything needed to serve it: tensor specs, batch forward, heads.
+"""The common base of every runtime family: a loaded net with its device, dtype, pre-processing,
+batch forward with out-of-memory splitting, smoke test and warm-up.
 
-``run_batch`` is the only function the batcher calls; it runs on the model's
-inference thread, never on the event loop.
+A family (classifier, segmenter, ...) subclasses ``ModelRuntime`` and owns what differs: its
+heads and tensor specs, how a forward's outputs become per-item results, and its native
+response format. Nothing outside the runtime package branches on the kind of model.
+``run_batch`` is the only function the batcher calls; it runs on the model's inference thread,
+never on the event loop.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from app import nets
 from app.errors import ConfigError, InvalidModelOutput, PayloadTooLarge
 from app.runtime.budget import activation_bytes_per_pixel, default_pixel_limit
-from app.runtime.faults import DeviceFault, OutOfDeviceMemory, is_device_fault, is_out_of_memory
+from app.errors import DeviceFault, OutOfDeviceMemory
+from app.runtime.faults import is_device_fault, is_out_of_memory
 from app.runtime.preprocess import Preprocessor
 from app.store.model_config import ModelConfig
 
@@ -42,7 +46,7 @@ class InferenceItem:
 
     image: torch.Tensor  # float32 (C, h, w)
     scalar: torch.Tensor | None = None  # float32 (n_extra,)
-    orig_size: tuple[int, int] | None = None  # segmentation: resize logits back to (H, W)
+    orig_size: tuple[int, int] | None = None  # (H, W) of the decoded image, for families that answer at it
     outputs: frozenset[str] | None = None  # None = every output
     # Filled in by the forward, read back for metrics and logs:
     batch_size: int = 0
@@ -54,6 +58,13 @@ class InferenceItem:
 
 
 class ModelRuntime:
+    """Common behaviour; a family sets ``task`` and implements the hooks marked below."""
+
+    task: ClassVar[str]
+    """The family's name, as the net registry's ``task`` calls it."""
+    default_resize: ClassVar[tuple[int, int] | None] = None
+    """Input size when model.toml sets neither ``resize`` nor ``scale``; None: the image's own size."""
+
     def __init__(
         self,
         *,
@@ -69,61 +80,62 @@ class ModelRuntime:
         self.spec = nets.net_spec(config.architecture)
         self.arguments = {**self.spec.defaults, **config.arguments}
         self.device, self.sha256, self.metadata = device, sha256, dict(metadata or {})
-        self.task = self.spec.task
         self.dtype = _DTYPES[config.runtime.dtype]
         self.channels_last = config.runtime.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model.eval()
-        default_resize = (224, 224) if self.task == "classification" else None
-        self.preprocess = Preprocessor(config.preprocess, default_resize=default_resize)
+        self.preprocess = Preprocessor(config.preprocess, default_resize=self.default_resize)
         self.takes_extra = self.spec.takes_extra
         self.n_extra = int(self.arguments.get("n_extra", 0)) if self.takes_extra else 0
+        self.num_classes = self.spec.num_classes(self.arguments)
         self.head_names = self._head_names()
-        labels = config.postprocess.labels
-        if labels and len(labels) != self.num_classes and not (self.task == "segmentation" and self.num_classes == 1):
-            raise ConfigError(
-                f"model {name}: postprocess.labels has {len(labels)} names but the model has {self.num_classes} classes"
-            )
-        self.mask_values = self._mask_values()
+        self._check_labels()
         self.fault_hook: Callable[[int], None] | None = None  # test-only fault injection
         self.max_processed_pixels: int | None = config.preprocess.max_processed_pixels
         """Per-image limit on what the network processes; None: fixed input size (``resize``)."""
 
-    # ---- description -------------------------------------------------------------
+    # ---- family hooks ------------------------------------------------------------------
 
     def _head_names(self) -> tuple[str, ...]:
-        if self.task == "segmentation":
-            return ("mask", "logits")
-        names = self.config.postprocess.output_names or self.spec.heads
-        if len(names) != len(self.spec.heads):
+        """Names of the outputs this runtime answers, in order."""
+        raise NotImplementedError
+
+    def output_specs(self) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def _results(self, items: list[InferenceItem], heads: Sequence[torch.Tensor]) -> list[dict[str, np.ndarray]]:
+        """Turn the forward's head tensors (batch first) into one dict of arrays per item."""
+        raise NotImplementedError
+
+    def format_native(self, result: dict[str, np.ndarray]) -> dict[str, Any]:
+        """One item's entry in the native API's ``predictions``."""
+        raise NotImplementedError
+
+    def native_file(self, results: list[dict[str, np.ndarray]], accept: str) -> tuple[bytes, str] | None:
+        """A non-JSON answer (bytes, media type) when the client accepts one; None: answer JSON."""
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Family facts for model listings (labels, mask colours, ...)."""
+        return {"labels": self.labels}
+
+    def make_item(
+        self, image: torch.Tensor, *, size: tuple[int, int] | None, scalar: torch.Tensor | None,
+        outputs: frozenset[str] | None,
+    ) -> InferenceItem:
+        """The batcher's unit for one decoded (or pre-processed) image of original ``size``."""
+        return InferenceItem(image=image, scalar=scalar, outputs=outputs)
+
+    # ---- description ---------------------------------------------------------------------
+
+    def _check_labels(self) -> None:
+        labels = self.config.postprocess.labels
+        if labels and len(labels) != self.num_classes:
             raise ConfigError(
-                f"postprocess.output_names has {len(names)} names but {self.config.architecture}"
-                f" has {len(self.spec.heads)} heads ({', '.join(self.spec.heads)})"
+                f"model {self.name}: postprocess.labels has {len(labels)} names but the model has"
+                f" {self.num_classes} classes"
             )
-        return tuple(names)
-
-    def _mask_values(self) -> list[Any]:
-        if self.task != "segmentation":
-            return []
-        values = self.config.postprocess.mask_values or self.metadata.get("mask_values")
-        if values:
-            out = [list(v) if isinstance(v, (list, tuple)) else int(v) for v in values]
-            needed = self.num_classes + (self.num_classes == 1)
-            if len(out) < needed:
-                raise ConfigError(
-                    f"model {self.name}: mask_values has {len(out)} entries but the model has {needed} classes"
-                )
-            return out
-        n = int(self.arguments["n_classes"])
-        if n == 1:
-            return [0, 255]
-        return [round(i * 255 / (n - 1)) for i in range(n)]
-
-    @property
-    def num_classes(self) -> int:
-        key = "n_classes" if self.task == "segmentation" else "num_classes"
-        return int(self.arguments[key])
 
     @property
     def labels(self) -> list[str]:
@@ -139,18 +151,6 @@ class ModelRuntime:
             shape = (-1,) if self.n_extra == 1 else (-1, self.n_extra)
             specs.append(TensorSpec("scalar", "FP32", shape))
         return specs
-
-    def output_specs(self) -> list[TensorSpec]:
-        if self.task == "segmentation":
-            return [
-                TensorSpec("mask", "UINT8", (-1, -1, -1)),
-                TensorSpec("logits", "FP32", (-1, self.num_classes, -1, -1)),
-            ]
-        shapes = {"probs": (-1, self.num_classes), "features": (-1, 1000)}
-        return [
-            TensorSpec(name, "FP32", shapes[head])
-            for name, head in zip(self.head_names, self.spec.heads)
-        ]
 
     # ---- inference ---------------------------------------------------------------
 
@@ -232,35 +232,7 @@ class ModelRuntime:
                 else:
                     out = self.model(x)
             heads = out if isinstance(out, (tuple, list)) else (out,)
-            if self.task == "segmentation":
-                return self._segment(items, heads[0].float())
-            arrays = [h.float().cpu().numpy() for h in heads]
-        return [
-            {
-                name: arr[i]
-                for name, arr in zip(self.head_names, arrays)
-                if it.outputs is None or name in it.outputs
-            }
-            for i, it in enumerate(items)
-        ]
-
-    def _segment(self, items: list[InferenceItem], logits: torch.Tensor) -> list[dict[str, np.ndarray]]:
-        results = []
-        for i, it in enumerate(items):
-            item_logits = logits[i : i + 1]
-            if it.orig_size is not None and tuple(item_logits.shape[-2:]) != it.orig_size:
-                item_logits = F.interpolate(item_logits, size=it.orig_size, mode="bilinear")
-            result: dict[str, np.ndarray] = {}
-            if it.outputs is None or "mask" in it.outputs:
-                if self.num_classes == 1:
-                    mask = torch.sigmoid(item_logits[0, 0]) > self.config.postprocess.mask_threshold
-                else:
-                    mask = item_logits[0].argmax(dim=0)
-                result["mask"] = mask.to(torch.uint8).cpu().numpy()
-            if it.outputs is None or "logits" in it.outputs:
-                result["logits"] = item_logits[0].cpu().numpy()
-            results.append(result)
-        return results
+            return self._results(items, [h.float() for h in heads])
 
     def set_pixel_limit(self, ceiling: int) -> None:
         """Unless model.toml sets one, derive the processed-pixel limit from this model and device."""
@@ -279,7 +251,8 @@ class ModelRuntime:
             return
         h, w = (height, width) if preprocessed else self.preprocess.target_size(height, width)
         if h * w > self.max_processed_pixels:
-            how = f" after scale {self.preprocess.cfg.scale:g}" if self.preprocess.cfg.scale and not preprocessed else ""
+            scale = self.preprocess.cfg.scale
+            how = f" after scale {scale:g}" if scale and not preprocessed else ""
             raise PayloadTooLarge(
                 f"image of {width}x{height} would be processed at {w}x{h} = {w * h} pixels{how}; model "
                 f"{self.name} processes at most {self.max_processed_pixels} pixels per image: send a smaller image"
