@@ -20,14 +20,14 @@ import shutil
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 
 from app.errors import Conflict, InvalidInput, ServiceError
-from app.loading import CheckpointSpec, load_checkpoint
+from app.loading import CheckpointSpec, file_sha256, load_checkpoint
 from app.registry import ModelRegistry, ModelStatus
 from app.store import ModelStore
 from app.store.model_config import ModelConfig, load_model_config, parse_model_config
@@ -105,6 +105,8 @@ class AdminService:
         current = load_model_config(self.store.inside(toml_path)) if toml_path.is_file() else None
         if model_toml is not None:
             config = _uploaded_config(model_toml, name, current)
+            if current is not None:
+                await asyncio.to_thread(self._check_versions_still_load, config, name, version)
         elif current is not None:
             config = current
         else:
@@ -115,7 +117,7 @@ class AdminService:
             raise Conflict(
                 f"model {name!r} already has version {version}: versions are immutable, upload a new version number"
             )
-        stage = self.store.staging / uuid.uuid4().hex
+        stage = self.store.ensure_staging() / uuid.uuid4().hex
         staged_version = stage / version
         staged_version.mkdir(parents=True)
         try:
@@ -128,6 +130,34 @@ class AdminService:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
         return UploadResult(name, version, sha, target / checkpoint.name)
+
+    def _check_versions_still_load(self, config: ModelConfig, name: str, version: str) -> None:
+        """An uploaded model.toml replaces the model's config for every version: it may not pin a version
+        that will not exist, or record digests that the versions on disk do not have."""
+        entry = self.store.entry(name)
+        if config.version is not None and config.version not in {*entry.versions, version}:
+            raise InvalidInput(
+                f"uploaded model.toml pins version {config.version}, which does not exist"
+                f" (have: {', '.join(entry.versions) or 'none'}; uploading {version})"
+            )
+        if isinstance(config.checkpoint.sha256, str) and entry.versions:
+            raise InvalidInput(
+                "uploaded model.toml gives one sha256 for every version of a model that already has versions; "
+                "use a table {version = digest}"
+            )
+        for existing in entry.versions:
+            try:  # the new checkpoint.file must still name each version's file
+                path = self.store.checkpoint_path(replace(entry, config=config), existing)
+            except ServiceError as exc:
+                raise InvalidInput(f"uploaded model.toml does not fit version {existing}: {exc.message}") from None
+            want = config.checkpoint.sha256_for(existing)
+            if want is None:
+                continue
+            have = file_sha256(path)
+            if want.strip().lower().removeprefix("sha256:") != have:
+                raise InvalidInput(
+                    f"uploaded model.toml records sha256 {want} for version {existing}, but its file is {have}"
+                )
 
     def _publish(self, stage: Path, folder: Path, version: str, new_toml: bool) -> None:
         """Make the validated version visible with one rename (the whole folder for a new model)."""
@@ -193,6 +223,8 @@ def _toml(data: bytes) -> dict[str, Any]:
         return tomllib.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise InvalidInput(f"uploaded model.toml is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise InvalidInput("uploaded model.toml is not valid TOML: nested too deeply") from None
 
 
 def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
@@ -211,7 +243,11 @@ def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
         raise InvalidInput("uploaded checkpoint holds no state_dict (a dict of tensors)")
     del obj
     spec = CheckpointSpec(path=path, format="state_dict", sha256=config.checkpoint.sha256_for(version))
-    loaded = load_checkpoint(config.architecture, config.arguments, spec, "cpu")
+    try:
+        loaded = load_checkpoint(config.architecture, config.arguments, spec, "cpu")
+    except ServiceError as exc:  # the staging path means nothing to the client
+        exc.message = exc.message.replace(str(path), "the uploaded checkpoint")
+        raise
     bad = [k for k, t in loaded.model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
         raise InvalidInput(f"uploaded weights hold NaN or infinite values (e.g. {', '.join(bad[:3])})")

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     max_concurrency: int = Field(512, gt=0)
     """Inference requests handled at once by the whole server; 503 beyond."""
     max_image_pixels: int = Field(40_000_000, gt=0)
+    """Pixels per image, read from its header before decoding; 413 beyond."""
+    max_request_pixels: int = Field(100_000_000, gt=0)
+    """Pixels of all images of one request together; 413 beyond."""
+    decode_pixel_budget: int = Field(80_000_000, gt=0)
+    """Pixels being decoded at once in the whole process; further decodes wait (bounds peak memory)."""
     max_instances: int = Field(64, gt=0)
     graceful_timeout: float = Field(30.0, ge=0)
     max_header_bytes: int = Field(32 * 1024, ge=1024)

@@ -7,7 +7,6 @@ The seeded checkpoints are generated, never committed; the trained ones ship in
 
 from __future__ import annotations
 
-import io
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import torch
 from app import nets
 from app.demo_trained import write_trained_models
 from app.store import ModelStore
-from app.store.writer import atomic_write_bytes, to_toml
+from app.store.writer import write_model
 
 log = logging.getLogger("modserve.demo")
 
@@ -53,17 +52,6 @@ def demo_configs() -> dict[str, dict[str, Any]]:
             "postprocess": {"labels": labels},
         }
     return configs
-
-
-def write_model(root: Path, name: str, config: dict[str, Any], state_dict: dict[str, Any], version: str = "1") -> Path:
-    """Write ``root/name/model.toml`` and ``root/name/version/<file>`` atomically."""
-    folder = root / name
-    buf = io.BytesIO()
-    torch.save(state_dict, buf)
-    file_name = config.get("checkpoint", {}).get("file", "model.pth")
-    atomic_write_bytes(folder / version / file_name, buf.getvalue())
-    atomic_write_bytes(folder / "model.toml", to_toml(config).encode())
-    return folder
 
 
 def write_demo_store(root: Path, *, force: bool = False) -> list[str]:

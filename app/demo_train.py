@@ -389,10 +389,9 @@ def write_samples(out: Path = SAMPLES_DIR) -> list[dict[str, Any]]:
 
 
 def _write_bytes(path: Path, data: bytes) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from app.store.writer import atomic_write_bytes
+
+    atomic_write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

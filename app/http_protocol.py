@@ -22,11 +22,13 @@ from app.config import Settings
 
 log = logging.getLogger("modserve.http")
 
-_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-class _TooManyHeaders(Exception):
-    pass
+class _HeadTooLarge(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -40,6 +42,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._head_done_in_feed = self._head_began_in_feed = False
+        self._parsed_head_bytes = 0
         self._head_timer: TimerHandle | None = None
         self._refused = False
 
@@ -64,8 +67,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _TooManyHeaders):
-                self._refuse(431, f"more than {self.max_header_count} request headers")
+            if isinstance(exc.__context__, _HeadTooLarge):
+                self._refuse(431, exc.__context__.message)
                 return
             self._bad_request()
             return
@@ -84,23 +87,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(431, f"request line and headers exceed {self.max_header_bytes} bytes")
 
     def _bad_request(self) -> None:
-        msg = "Invalid HTTP request received."
-        log.info("%s from %s", msg, self.client)
-        self._cancel_head_timer()
-        self.send_400_response(msg)
+        self._refuse(400, "invalid HTTP request (malformed request line, headers, framing or chunk sizes)")
 
     # ---- parser callbacks ------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
-        self._header_count = 0
+        self._header_count = self._parsed_head_bytes = 0
         self._head_began_in_feed = True
         super().on_message_begin()
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head(len(url))
+        super().on_url(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._header_count += 1
         if self._header_count > self.max_header_count:
-            raise _TooManyHeaders()
+            raise _HeadTooLarge(f"more than {self.max_header_count} request headers")
+        self._count_head(len(name) + len(value) + 4)
         super().on_header(name, value)
+
+    def _count_head(self, size: int) -> None:
+        """Exact count of what the parser hands over (the read that completes a head included)."""
+        self._parsed_head_bytes += size
+        if self._parsed_head_bytes > self.max_header_bytes:
+            raise _HeadTooLarge(f"request line and headers exceed {self.max_header_bytes} bytes")
 
     def on_headers_complete(self) -> None:
         self._awaiting_head, self._head_bytes, self._head_done_in_feed = False, 0, True

@@ -44,7 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not names:
             log.warning("no models in store %s: serving with none", settings.store)
         await registry.load_all()
-        ready = sum(s.live is not None for s in registry.statuses())
+        ready = sum(v.ready for v in registry.views())
         log.info("modserve ready: %d of %d model(s) serving", ready, len(names))
         try:
             yield

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
@@ -85,6 +86,50 @@ class ModelStatus:
     """Version folders that discovery skipped, and why."""
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """A read-only snapshot of one model for listings, probes and metrics."""
+
+    name: str
+    state: ModelState
+    version: str | None
+    reason: str | None
+    last_error: str | None
+    warnings: tuple[str, ...]
+    runtime: ModelRuntime | None
+    """The runtime serving now, to read its specs from (None when nothing serves)."""
+    queue_depth: int = 0
+    batching: dict[str, Any] | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.runtime is not None
+
+
+def _view(status: ModelStatus) -> ModelView:
+    live = status.live
+    batching = None
+    if live is not None:
+        stats, policy = live.batcher.stats, live.batcher.policy
+        batching = {
+            "max_batch_size": policy.max_batch_size,
+            "max_batch_delay_ms": policy.max_batch_delay_ms,
+            "max_queue_size": policy.max_queue_size,
+            "queue_depth": live.batcher.queue_depth,
+            "batches_run": stats.batches_run,
+            "items_run": stats.items_run,
+            "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
+            "rejected_full": stats.rejected_full,
+            "expired": stats.expired,
+        }
+    return ModelView(
+        name=status.name, state=status.state, version=status.version, reason=status.reason,
+        last_error=status.last_error, warnings=tuple(status.warnings),
+        runtime=live.runtime if live is not None else None,
+        queue_depth=live.batcher.queue_depth if live is not None else 0, batching=batching,
+    )
+
+
 Builder = Callable[[ModelStore, object, str, Settings], ModelRuntime]
 
 
@@ -111,6 +156,13 @@ class ModelRegistry:
     def statuses(self) -> list[ModelStatus]:
         return [self._status[n] for n in sorted(self._status)]
 
+    def views(self) -> list[ModelView]:
+        """Snapshots of every model, by name."""
+        return [_view(self._status[n]) for n in sorted(self._status)]
+
+    def view(self, name: str) -> ModelView:
+        return _view(self.status(name))
+
     def status(self, name: str) -> ModelStatus:
         try:
             return self._status[name]
@@ -120,14 +172,14 @@ class ModelRegistry:
     def all_ready(self) -> bool:
         return all(s.state == READY for s in self._status.values())
 
-    def readiness(self, strict: bool) -> list[ModelStatus]:
+    def readiness(self, strict: bool) -> list[ModelView]:
         """The models that keep the server from being ready (empty: ready).
 
         Models unloaded on purpose do not count. Strict: every other model must serve.
         Not strict: at least one of them serves and none is still loading for the first time.
         """
-        wanted = [s for s in self._status.values() if s.state != UNLOADED]
-        waiting = [s for s in wanted if s.live is None]
+        wanted = [s for s in self.views() if s.state != UNLOADED]
+        waiting = [s for s in wanted if not s.ready]
         if strict:
             return waiting
         loading = [s for s in waiting if s.state == LOADING]

@@ -13,6 +13,7 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from app.observability.metrics import Metrics
 from app.registry import ModelRegistry
 from app.runtime.faults import DeviceFault
 from app.runtime.images import decode_image
+from app.runtime.pixels import PixelBudget, RequestPixels
 from app.runtime.base import InferenceItem, ModelRuntime
 
 
@@ -53,6 +55,7 @@ class InferenceService:
         self.registry, self.settings, self.metrics = registry, settings, metrics
         self.state = state or ServerState()
         self._pool = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="decode")
+        self._decoding = PixelBudget(settings.decode_pixel_budget)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -97,9 +100,11 @@ class InferenceService:
                     raise InvalidInput(f"unknown output(s) for model {name}: {', '.join(sorted(unknown))}")
             loop = asyncio.get_running_loop()
             t0 = time.perf_counter()
-            prepared = await asyncio.gather(
-                *(loop.run_in_executor(self._pool, self._prepare, runtime, inst, outputs) for inst in instances)
-            )
+            request_pixels = RequestPixels(self.settings.max_request_pixels)
+            prepared = await asyncio.gather(*(
+                loop.run_in_executor(self._pool, self._prepare, runtime, inst, outputs, request_pixels)
+                for inst in instances
+            ))
             items = [item for item, _ in prepared]
             configured = runtime.config.runtime.timeout_ms or self.settings.timeout_ms
             timeout_ms = min(configured, timeout_ms) if timeout_ms else configured
@@ -126,26 +131,36 @@ class InferenceService:
         self.metrics.observe_stages(runtime.name, family, queue=queue, preprocess=preprocess, inference=inference)
 
     def _prepare(
-        self, runtime: ModelRuntime, inst: Instance, outputs: frozenset[str] | None
+        self, runtime: ModelRuntime, inst: Instance, outputs: frozenset[str] | None, request_pixels: RequestPixels
     ) -> tuple[InferenceItem, tuple[int, int] | None]:
         scalar = self._scalar(runtime, inst.scalar)
         if inst.image_bytes is not None:
-            raw = decode_image(
-                inst.image_bytes,
-                color_mode=runtime.config.preprocess.color_mode,
-                max_pixels=self.settings.max_image_pixels,
-                device=runtime.device,
-                check_size=runtime.check_image_size,
-            )
-            size = (int(raw.shape[1]), int(raw.shape[2]))
-            image = runtime.preprocess(raw)
+            with ExitStack() as held:
+
+                def admit(height: int, width: int) -> None:  # from the header, before any pixel decodes
+                    runtime.check_image_size(height, width)
+                    request_pixels.add(height * width)
+                    held.enter_context(self._decoding.hold(height * width))
+
+                raw = decode_image(
+                    inst.image_bytes,
+                    color_mode=runtime.config.preprocess.color_mode,
+                    max_pixels=self.settings.max_image_pixels,
+                    device=runtime.device,
+                    check_size=admit,
+                )
+                size = (int(raw.shape[1]), int(raw.shape[2]))
+                image = runtime.preprocess(raw)
+                del raw
         elif inst.image is not None:
             runtime.check_image_size(*inst.image.shape[-2:], preprocessed=True)
             image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32)).to(runtime.device)
             size = None
         else:
             raise InvalidInput("missing image")
-        return runtime.make_item(image, size=size, scalar=scalar, outputs=outputs), size
+        item = runtime.make_item(image, size=size, scalar=scalar, outputs=outputs)
+        item.solo = runtime.needs_own_batch(int(image.shape[-2]), int(image.shape[-1]))
+        return item, size
 
     @staticmethod
     def _scalar(runtime: ModelRuntime, values: Sequence[float] | None) -> torch.Tensor | None:
@@ -162,6 +177,13 @@ class InferenceService:
                 f"model {runtime.name} needs {runtime.n_extra} scalar value(s), got {len(values)}"
             )
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise InvalidInput(f"scalar must be a finite number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+                raise InvalidInput(f"scalar must be a finite number, got {v!r:.40}")
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an integer past 1e308
+        return False

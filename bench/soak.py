@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from app import nets
-from app.demo_store import write_model
+from app.store.writer import write_model
 
 TOKEN = "soak-admin-token-0123456789"
 MODELS: dict[str, dict] = {

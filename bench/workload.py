@@ -107,7 +107,7 @@ def write_store(root: Path, wl: Workload, seed: int = 0) -> Path:
     import torch
 
     from app import nets
-    from app.demo_store import write_model
+    from app.store.writer import write_model
 
     torch.manual_seed(seed)
     model = nets.get_net(wl.toml["architecture"], **wl.toml["arguments"])

@@ -27,6 +27,8 @@ def parse_scalar_text(text: str) -> list[float]:
     for part in text.split(","):
         part = part.strip()
         try:
+            if "_" in part:  # float() reads "1_0" as 10.0; nobody means that
+                raise ValueError(part)
             value = float(part)
         except ValueError:
             raise InvalidInput(f"scalar must be a number (or comma-separated numbers), got {text!r}") from None
@@ -42,10 +44,17 @@ def _json_scalar(value: Any, index: int) -> list[float] | None:
     items = value if isinstance(value, list) else [value]
     for v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise InvalidInput(f"instances[{index}].scalar must be a number or a list of numbers, got {v!r}")
-        if not math.isfinite(v):
-            raise InvalidInput(f"instances[{index}].scalar must be finite")
+            raise InvalidInput(f"instances[{index}].scalar must be a number or a list of numbers, got {v!r:.40}")
+        if not _finite_float(v):
+            raise InvalidInput(f"instances[{index}].scalar must be a finite number within float range")
     return [float(v) for v in items]
+
+
+def _finite_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))  # an integer past 1e308 cannot become a float
+    except OverflowError:
+        return False
 
 
 async def parse_multipart(request: Request) -> list[Instance]:

@@ -45,6 +45,7 @@ from app.loading.files import (
 )
 from app.loading.statedict import Kind, compare_shapes, describe_mismatch, split_checkpoint
 from app.nets import get_net, net_spec
+from app.runtime.budget import device_memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +78,30 @@ class LoadedCheckpoint:
     dataparallel: bool
 
 
+MAX_WEIGHTS_SHARE = 0.5
+"""Largest share of this host's memory one architecture's weights may take (checked on the meta device)."""
+
+
 def _build(arch: str, arch_kwargs: Mapping[str, Any]) -> nn.Module:
+    """Build ``arch``; first on the meta device, so arguments that would allocate more than this
+    host can hold (``num_classes = 10**9``) are refused without allocating anything."""
+    kwargs = dict(arch_kwargs)
     try:
-        return get_net(arch, **dict(arch_kwargs))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build architecture '{arch}' with {dict(arch_kwargs)}: {exc}") from None
+        with torch.device("meta"):
+            probe = get_net(arch, **kwargs)
+        weights = sum(t.numel() * t.element_size() for t in (*probe.parameters(), *probe.buffers()))
+        del probe
+        limit = int(device_memory_bytes(torch.device("cpu")) * MAX_WEIGHTS_SHARE)
+        if weights > limit:
+            raise ConfigError(
+                f"architecture '{arch}' with {kwargs} would need {weights / 2**30:.1f} GiB for its weights, more"
+                f" than {MAX_WEIGHTS_SHARE:.0%} of this host's memory: check the arguments"
+            )
+        return get_net(arch, **kwargs)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ConfigError(f"cannot build architecture '{arch}' with {kwargs}: {exc}") from None
+    except RuntimeError as exc:  # an allocation the host refused
+        raise ConfigError(f"cannot build architecture '{arch}' with {kwargs}: {str(exc)[:200]}") from None
 
 
 def _check_class_names(names: tuple[str, ...]) -> None:

@@ -33,13 +33,13 @@ class _StateCollector(Collector):
             labels=["name", "version", "sha256", "device", "dtype"],
         )
         ready = GaugeMetricFamily("modserve_model_ready", "1 when the model serves", labels=["model"])
-        for status in self.registry.statuses() if self.registry else []:
-            ready.add_metric([status.name], 1.0 if status.live is not None else 0.0)
-            if status.live is None:
+        for view in self.registry.views() if self.registry else []:
+            ready.add_metric([view.name], 1.0 if view.ready else 0.0)
+            rt = view.runtime
+            if rt is None:
                 continue
-            rt = status.live.runtime
-            depth.add_metric([status.name], status.live.batcher.queue_depth)
-            info.add_metric([rt.name, rt.version, rt.sha256[:12], str(rt.device), rt.config.runtime.dtype], 1.0)
+            depth.add_metric([view.name], view.queue_depth)
+            info.add_metric([rt.name, rt.version, rt.sha256[:12], str(rt.device), rt.dtype_name], 1.0)
         yield from (depth, info, ready)
         yield from _gpu_memory()
 

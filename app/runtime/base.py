@@ -48,12 +48,15 @@ class InferenceItem:
     scalar: torch.Tensor | None = None  # float32 (n_extra,)
     orig_size: tuple[int, int] | None = None  # (H, W) of the decoded image, for families that answer at it
     outputs: frozenset[str] | None = None  # None = every output
+    solo: bool = False  # too large to share a forward with others (see ModelRuntime.needs_own_batch)
     # Filled in by the forward, read back for metrics and logs:
     batch_size: int = 0
     started_at: float = 0.0  # time.perf_counter() when its batch started
     inference_s: float = 0.0
 
     def group_key(self) -> tuple[int, ...]:
+        if self.solo:
+            return (*self.image.shape, id(self))
         return tuple(self.image.shape)
 
 
@@ -80,7 +83,7 @@ class ModelRuntime:
         self.spec = nets.net_spec(config.architecture)
         self.arguments = {**self.spec.defaults, **config.arguments}
         self.device, self.sha256, self.metadata = device, sha256, dict(metadata or {})
-        self.dtype = _DTYPES[config.runtime.dtype]
+        self.dtype, self.dtype_name = _DTYPES[config.runtime.dtype], config.runtime.dtype
         self.channels_last = config.runtime.channels_last
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -257,6 +260,13 @@ class ModelRuntime:
                 f"image of {width}x{height} would be processed at {w}x{h} = {w * h} pixels{how}; model "
                 f"{self.name} processes at most {self.max_processed_pixels} pixels per image: send a smaller image"
             )
+
+    def needs_own_batch(self, height: int, width: int) -> bool:
+        """Whether an item of this processed size must run alone: a full batch of such items would
+        process more than the per-image limit allows, so memory would grow with the batch size."""
+        if self.max_processed_pixels is None:
+            return False
+        return height * width * self.config.runtime.max_batch_size > self.max_processed_pixels
 
     def dummy_item(self) -> InferenceItem:
         h, w = self.preprocess.warmup_size()

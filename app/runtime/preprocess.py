@@ -47,6 +47,11 @@ class Preprocessor:
         """uint8 ``(C, H, W)`` -> float32 ``(C, h, w)`` as the model expects."""
         size = self.target_size(image.shape[-2], image.shape[-1])
         if tuple(image.shape[-2:]) != size:
-            image = F.resize(image, list(size), interpolation=self._mode, antialias=True)
+            if size == (1, 1) and image.dtype == torch.uint8:
+                # torch's uint8 antialias kernel asserts on a 1x1 output (2x2 -> 1x1); float works
+                image = F.resize(image.float(), [1, 1], interpolation=self._mode, antialias=True)
+                image = image.round_().clamp_(0, 255)
+            else:
+                image = F.resize(image, list(size), interpolation=self._mode, antialias=True)
         out = image.to(torch.float32)
         return out.mul_(self._scale.to(out.device)).add_(self._shift.to(out.device))

@@ -33,8 +33,11 @@ class CheckpointConfig(BaseModel):
     @field_validator("file")
     @classmethod
     def _plain_name(cls, value: str | None) -> str | None:
-        if value is not None and (not value or "/" in value or "\\" in value or value in {".", ".."}):
-            raise ValueError("must be a plain file name inside the version folder")
+        if value is not None and (
+            not value or "/" in value or "\\" in value or value in {".", ".."} or len(value) > 200
+            or not value.isprintable() or value.startswith(".")
+        ):
+            raise ValueError("must be a plain, printable file name (at most 200 characters) inside the version folder")
         return value
 
     def sha256_for(self, version: str) -> str | None:
@@ -152,6 +155,8 @@ def load_model_config(path: Path) -> ModelConfig:
         raise ConfigError(f"{path}: file not found") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid TOML: nested too deeply") from None
     return parse_model_config(raw, source=str(path))
 
 

@@ -160,9 +160,20 @@ class ModelStore:
     def staging(self) -> Path:
         return self.root / STAGING
 
+    def ensure_staging(self) -> Path:
+        """The staging folder as a real directory inside the store (a link or file there is removed)."""
+        path = self.staging
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            path.unlink()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
     def clear_staging(self) -> int:
         """Remove what interrupted uploads left behind (run at start-up); returns how many."""
-        if not self.staging.is_dir() or self.staging.is_symlink():
+        if self.staging.is_symlink():
+            self.staging.unlink()
+            return 1
+        if not self.staging.is_dir():
             return 0
         leftovers = list(self.staging.iterdir())
         for path in leftovers:

@@ -5,12 +5,14 @@ A reader (or a crash) sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import json
+import io
 import os
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import tomli_w
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -41,25 +43,29 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, Mapping):  # an inline table, e.g. sha256 per version
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+def _without_none(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """TOML has no null: unset optional keys are left out."""
+    return {k: _without_none(v) if isinstance(v, Mapping) else v for k, v in doc.items() if v is not None}
 
 
 def to_toml(doc: Mapping[str, Any]) -> str:
-    """Write a two-level mapping (top-level keys and tables) as TOML."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in doc.items() if not isinstance(v, Mapping)]
-    for key, table in doc.items():
-        if isinstance(table, Mapping):
-            lines.append(f"\n[{key}]")
-            lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items() if v is not None)
-    return "\n".join(lines) + "\n"
+    """A ``model.toml`` document as TOML text (tomli-w; ``None`` values left out)."""
+    return tomli_w.dumps(_without_none(doc))
+
+
+def write_model(root: Path, name: str, config: Mapping[str, Any], state_dict: Mapping[str, Any],
+                version: str = "1") -> Path:
+    """Write ``root/name/model.toml`` and ``root/name/version/<file>`` with ``torch.save``, atomically.
+
+    For tools and tests that build a store on disk (the demo store, bench); the admin API has its own
+    staged, validated path.
+    """
+    import torch
+
+    folder = root / name
+    buf = io.BytesIO()
+    torch.save(state_dict, buf)
+    file_name = config.get("checkpoint", {}).get("file", "model.pth")
+    atomic_write_bytes(folder / version / file_name, buf.getvalue())
+    atomic_write_bytes(folder / "model.toml", to_toml(config).encode())
+    return folder

@@ -41,6 +41,7 @@ DTYPES: dict[str, np.dtype[Any]] = {
 BYTES = "BYTES"
 DATATYPES = frozenset(DTYPES) | {BYTES}
 _MAX_DIMS = 8
+_MAX_ELEMENTS = 1 << 40
 LEN_PREFIX = struct.Struct("<I")
 
 
@@ -64,12 +65,10 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """Split at ``Inference-Header-Content-Length``: the JSON part, then the binary part."""
     if header_length is None:
         return body, b""
-    try:
-        n = int(header_length.strip())
-    except ValueError:
-        raise CodecError(
-            f"Inference-Header-Content-Length must be an integer, got {header_length!r}"
-        ) from None
+    digits = header_length.strip(" \t")  # optional whitespace around a header value is HTTP's
+    if not digits.isascii() or not digits.isdigit() or len(digits) > 12:
+        raise CodecError(f"Inference-Header-Content-Length must be an integer, got {header_length!r}")
+    n = int(digits)
     if not 0 < n <= len(body):
         raise CodecError(
             f"Inference-Header-Content-Length {n} is out of range for a {len(body)}-byte body"
@@ -99,6 +98,9 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
     for d in value:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise CodecError(f"{where}.shape must hold non-negative integers, got {value!r}")
+    if math.prod(d for d in value if d) > _MAX_ELEMENTS:
+        # numpy cannot even describe an empty array whose other dimensions multiply past this
+        raise CodecError(f"{where}.shape {value!r} is larger than any request body could hold")
     return tuple(value)
 
 
@@ -230,7 +232,7 @@ def decode_inputs(doc_inputs: Any, binary: bytes) -> list[Tensor]:
             raise CodecError(f"{where} is given more than once")
         seen.add(name)
         datatype = item.get("datatype")
-        if datatype not in DATATYPES:
+        if not isinstance(datatype, str) or datatype not in DATATYPES:
             raise CodecError(f"{where}: unknown datatype {datatype!r}")
         shape = _shape(item.get("shape"), where)
         params = item.get("parameters") or {}

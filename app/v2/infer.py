@@ -68,7 +68,7 @@ def _request_options(params: dict[str, Any]) -> float | None:
     timeout = params.get("timeout")
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int) or timeout <= 0:
+    if isinstance(timeout, bool) or not isinstance(timeout, int) or not 0 < timeout < 2**63:
         raise CodecError(f"request: parameter 'timeout' must be a positive integer (microseconds), got {timeout!r}")
     return timeout / 1000.0
 
@@ -229,8 +229,9 @@ async def infer(
     version: str | None,
     body: bytes,
     header_length: str | None,
-) -> tuple[bytes, int | None]:
-    """Returns the response body and, for a binary response, its JSON header length."""
+) -> tuple[bytes, int | None, ModelRuntime]:
+    """Returns the response body, for a binary response its JSON header length, and the runtime
+    that answered (for the response headers)."""
     runtime = registry.get(name, version).runtime  # 404 / 503 before any parsing work
     big = len(body) > _OFFLOAD_BYTES
     request = await _maybe_offload(big, parse_request, body, header_length)
@@ -250,4 +251,5 @@ async def infer(
     except (InvalidInput, UnsupportedMediaType) as exc:
         raise BadRequest(exc.message) from exc
     big = big or sum(r.nbytes for res in prediction.results for r in res.values()) > _OFFLOAD_BYTES
-    return await _maybe_offload(big, build_response, request, prediction)
+    content, header_length = await _maybe_offload(big, build_response, request, prediction)
+    return content, header_length, prediction.runtime

@@ -10,7 +10,8 @@ from typing import Any
 
 from app import __version__
 from app.errors import BadRequest, ModelNotFound
-from app.registry import LOADING, READY, UNAVAILABLE, ModelRegistry, ModelStatus
+from app.store.store import VERSION_RE
+from app.registry import LOADING, READY, UNAVAILABLE, ModelRegistry, ModelView
 from app.runtime.base import ModelRuntime, TensorSpec
 
 SERVER_NAME = "modserve"
@@ -30,9 +31,9 @@ def resolve_version(version: str | None) -> str | None:
     """Versions are decimal integers (as in Triton); anything else cannot exist, hence 404."""
     if version is None:
         return None
-    if not version.isdigit() or len(version) > 9:
+    if not VERSION_RE.match(version):
         raise ModelNotFound(f"model version {version!r} not found: versions are decimal integers")
-    return str(int(version))
+    return version
 
 
 def input_specs(runtime: ModelRuntime) -> list[TensorSpec]:
@@ -104,7 +105,7 @@ def model_config(runtime: ModelRuntime) -> dict[str, Any]:
     }
 
 
-def _index_entry(status: ModelStatus) -> dict[str, Any]:
+def _index_entry(status: ModelView) -> dict[str, Any]:
     # The protocol's states are UNKNOWN/READY/UNAVAILABLE/LOADING/UNLOADING; an unloaded
     # model is UNAVAILABLE with a reason, as in Triton.
     state = (
@@ -130,7 +131,7 @@ def repository_index(registry: ModelRegistry, request: Any) -> list[dict[str, An
         if not isinstance(value, bool):
             raise BadRequest(f"'ready' must be a boolean, got {value!r}")
         ready_only = value
-    statuses = registry.statuses()
+    statuses = registry.views()
     if ready_only:
-        statuses = [s for s in statuses if s.live is not None]
+        statuses = [s for s in statuses if s.ready]
     return [_index_entry(s) for s in statuses]

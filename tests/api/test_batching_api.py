@@ -15,7 +15,7 @@ from app.api.disconnect import unless_disconnected
 from app.errors import ClientClosedRequest
 from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
-from app.demo_store import write_model
+from app.store.writer import write_model
 from app.main import create_app
 from support.models import build_small, image_bytes, small_configs
 

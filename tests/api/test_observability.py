@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from app.config import Settings
-from app.demo_store import write_model
+from app.store.writer import write_model
 from app.main import create_app
 from support.models import build_small, image_bytes, small_configs
 

@@ -12,7 +12,7 @@ import httpx
 import torch
 
 from app.config import Settings
-from app.demo_store import write_model
+from app.store.writer import write_model
 from app.main import create_app
 from support.models import build_small, image_bytes, small_configs
 

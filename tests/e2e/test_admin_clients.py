@@ -9,7 +9,7 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
-from app.demo_store import write_model
+from app.store.writer import write_model
 from support.models import build_small, small_configs
 from support.server import free_port, run_server
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from app.demo_store import write_model
+from app.store.writer import write_model
 from support.models import build_small, image_bytes, small_configs
 from support.server import free_port, run_server
 

@@ -12,7 +12,7 @@ import pytest
 
 from support.models import build_small, image_bytes, small_configs
 from support.server import free_port, run_server
-from app.demo_store import write_model
+from app.store.writer import write_model
 
 pytestmark = pytest.mark.e2e
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from app import nets
-from app.demo_store import write_model
+from app.store.writer import write_model
 
 TINY_RESIZE = [32, 32]
 

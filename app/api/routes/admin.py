@@ -35,7 +35,7 @@ async def _optional_json(request: Request) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise BadRequest("request body must be empty or a JSON object") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("parameters", {}), dict):
         raise BadRequest('request body must be {"parameters": {...}}')

@@ -24,11 +24,11 @@ _EXAMPLE = {
 @router.get("", summary="List every model in the store with its state",
             responses={200: {"content": {"application/json": {"example": {"models": [_EXAMPLE]}}}}})
 async def list_models(registry: RegistryDep) -> dict[str, Any]:
-    return {"models": [describe(s) for s in registry.statuses()]}
+    return {"models": [describe(v) for v in registry.views()]}
 
 
 @router.get("/{name}", summary="Describe one model: version, device, tensors, checkpoint sha256",
             responses={200: {"content": {"application/json": {"example": _EXAMPLE}}},
                        404: {"description": "Unknown model"}})
 async def get_model(name: str, registry: RegistryDep) -> dict[str, Any]:
-    return describe(registry.status(check_name(name)))
+    return describe(registry.view(check_name(name)))

@@ -8,8 +8,7 @@ from fastapi.responses import Response
 from app.api.deps import ServiceDep
 from app.api.disconnect import unless_disconnected
 from app.api.native_request import parse_predict_request
-from app.api.responses import FastJSONResponse
-from app.native import model_headers
+from app.api.responses import FastJSONResponse, model_headers
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 

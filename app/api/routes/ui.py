@@ -50,7 +50,7 @@ async def static_file(path: str) -> Response:
     root = STATIC_DIR.resolve()
     try:
         target = (root / path).resolve(strict=True)
-    except (OSError, RuntimeError):
+    except (OSError, RuntimeError, ValueError):  # ValueError: a NUL byte in the path
         return _not_found(path)
     if not target.is_relative_to(root) or not target.is_file():
         return _not_found(path)

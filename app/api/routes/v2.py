@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import RegistryDep, ServiceDep, SettingsDep
 from app.api.disconnect import unless_disconnected
-from app.api.responses import FastJSONResponse
+from app.api.responses import FastJSONResponse, model_headers
 from app.errors import BadRequest
 from app.v2 import infer as v2_infer
 from app.v2 import protocol
@@ -107,14 +107,14 @@ async def _infer(
     name: str, request: Request, registry: RegistryDep, service: ServiceDep, settings: SettingsDep
 ) -> Response:
     body = await _read_body(request, settings.max_body_bytes)
-    content, header_length = await unless_disconnected(request, v2_infer.infer(
+    content, header_length, runtime = await unless_disconnected(request, v2_infer.infer(
         service, registry, name, _version(request), body, request.headers.get(HEADER_LENGTH)
     ))
+    headers = model_headers(runtime)
     if header_length is None:
-        return Response(content, media_type="application/json")
-    return Response(
-        content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)}
-    )
+        return Response(content, media_type="application/json", headers=headers)
+    headers[HEADER_LENGTH] = str(header_length)
+    return Response(content, media_type="application/octet-stream", headers=headers)
 
 
 _VERSION_PARAM = {
