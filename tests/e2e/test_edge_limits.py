@@ -158,6 +158,37 @@ def test_one_100kb_header_gets_431_and_the_server_stays_up(server: Server) -> No
     _live_and_ready(server)
 
 
+@pytest.mark.parametrize("size", [MAX_HEADER_BYTES + 100, 60_000])
+def test_a_head_that_arrives_in_one_write_is_counted_exactly(server: Server, size: int) -> None:
+    """The read that completes a head counts too: just over the limit in one write is refused."""
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * size + b"\r\n\r\n"
+    with _connect(server) as sock:
+        sock.sendall(request)
+        status, _, body = _parse(_read_until_closed(sock))
+    assert status == 431 and str(MAX_HEADER_BYTES) in body["error"]
+    request = b"GET /v2/health/live HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES - 200) + b"\r\n\r\n"
+    with _connect(server) as sock:  # just under the limit, in one write: served
+        sock.sendall(request)
+        status, _, _ = _read_response(sock)
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v2/health/live HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello",
+        b"POST /v2/health/live HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+        b"G\x00ET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+)
+def test_malformed_http_gets_a_json_400(server: Server, request_bytes: bytes) -> None:
+    with _connect(server) as sock:
+        sock.sendall(request_bytes)
+        status, headers, body = _parse(_read_until_closed(sock))
+    assert status == 400 and headers["content-type"] == "application/json" and "invalid HTTP" in body["error"]
+    _live_and_ready(server)
+
+
 def test_a_5mb_header_sent_in_chunks_gets_431(server: Server) -> None:
     def chunks() -> Iterator[bytes]:
         yield b"GET /v1/models HTTP/1.1\r\nHost: a\r\nX-Huge: "
