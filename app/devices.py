@@ -26,6 +26,8 @@ def resolve_device(requested: str, default: str = "auto") -> torch.device:
     """
     import torch
 
+    from app.errors import ConfigError
+
     requested = validate_device_string(requested)
     if requested == "auto":
         requested = validate_device_string(default)
@@ -34,10 +36,10 @@ def resolve_device(requested: str, default: str = "auto") -> torch.device:
     if requested == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device {requested} requested but CUDA is not available on this host")
+        raise ConfigError(f"device {requested} requested but CUDA is not available on this host")
     index = int(requested.split(":")[1]) if ":" in requested else 0
     if index >= torch.cuda.device_count():
-        raise RuntimeError(
+        raise ConfigError(
             f"device {requested} requested but only {torch.cuda.device_count()} GPU(s) are visible"
         )
     return torch.device(f"cuda:{index}")

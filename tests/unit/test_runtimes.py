@@ -108,3 +108,13 @@ def test_processed_pixel_limit_is_derived_and_enforced() -> None:
     classifier = _runtime("resnet50_head")
     classifier.set_pixel_limit(ceiling=10**12)
     assert classifier.max_processed_pixels is None  # a fixed input size costs the same for any image
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a host without CUDA")
+def test_a_cuda_device_on_a_host_without_one_is_a_configuration_error() -> None:
+    from app.devices import resolve_device
+
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device(device)
+    assert resolve_device("auto").type == "cpu"
