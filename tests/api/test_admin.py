@@ -7,6 +7,7 @@ import hashlib
 import io
 import os
 import pickle
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -248,17 +249,35 @@ def test_reload_under_load_switches_exactly_once_per_reload(tmp_path: Path) -> N
 
 
 def test_concurrent_reloads_of_one_model_conflict(client: TestClient, store: Path) -> None:
+    """While one load builds (held here until the second request has been answered), a second gets 409."""
     _write_versions(store, range(2, 3))
     app = client.app
+    registry = app.state.registry
+    building, second_answered = threading.Event(), threading.Event()
+    real_build = registry._build
+
+    def held_build(*args: Any) -> Any:
+        building.set()
+        assert second_answered.wait(30)
+        return real_build(*args)
+
+    registry._build = held_build
 
     async def main() -> list[int]:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
-            rs = await asyncio.gather(*(c.post("/v2/repository/models/seg/load", headers=AUTH) for _ in range(2)))
-        return sorted(r.status_code for r in rs)
+            first = asyncio.ensure_future(c.post("/v2/repository/models/seg/load", headers=AUTH))
+            while not building.is_set():
+                await asyncio.sleep(0.01)
+            second = await c.post("/v2/repository/models/seg/load", headers=AUTH)
+            second_answered.set()
+            return [(await first).status_code, second.status_code]
 
-    statuses = client.portal.call(main)  # run on the app's own loop, where its locks live
-    assert statuses in ([200, 200], [200, 409])
+    try:
+        statuses = client.portal.call(main)  # run on the app's own loop, where its locks live
+    finally:
+        registry._build = real_build
+    assert statuses == [200, 409]
 
 
 def _rss_mb() -> float:
