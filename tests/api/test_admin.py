@@ -152,12 +152,14 @@ def test_failed_reload_keeps_the_old_model(client: TestClient, store: Path, tmp_
 def test_path_traversal_is_refused(client: TestClient, store: Path, tmp_path: Path) -> None:
     for path in ("/v2/repository/models/../load", "/v2/repository/models/%2e%2e%2f/load",
                  "/v2/repository/models/%2Fetc%2Fpasswd/load", "/v2/repository/models/..%2F..%2Fetc/load"):
-        r = client.post(path, headers=AUTH)
-        assert r.status_code in (400, 404, 422), (path, r.status_code)
+        r = client.post(path, headers=AUTH)  # the router matches no route for a name with a slash
+        assert r.status_code == 404, (path, r.status_code)
         assert "error" in r.json()
-    for name in ("..", "...", ".hidden"):
+    r = client.post("/v2/repository/models/../load", headers=AUTH)  # normalised to another path
+    assert r.status_code == 404 and "error" in r.json()
+    for name in ("...", ".hidden"):
         r = client.post(f"/v2/repository/models/{name}/load", headers=AUTH)
-        assert r.status_code in (404, 422) and "error" in r.json()
+        assert r.status_code == 422 and "invalid model name" in r.json()["error"]
     outside = tmp_path / "outside"
     outside.mkdir()
     torch.save(build_small("unet", seed=3).state_dict(), outside / "model.pth")
