@@ -10,15 +10,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
 from support.models import image_bytes, write_small_store
-from support.server import ROOT, Server, free_port, run_server
+from support.server import ROOT, Server, free_port, serve_store
 
 pytestmark = pytest.mark.e2e
 
@@ -29,16 +27,6 @@ TOKEN_16 = "0123456789abcdef"  # exactly the shortest token allowed
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small_store(tmp_path_factory.mktemp("disc-store"), names=[MODEL])
-
-
-@contextmanager
-def _serve(store: Path, log_dir: Path, env: dict[str, str]) -> Iterator[Server]:
-    port = free_port()
-    base = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
-            "MODSERVE_WARMUP": "false"}
-    with run_server(["-m", "app"], env={**base, **env}, port=port, log_dir=log_dir,
-                    ready_path="/v2/health/ready") as srv:
-        yield srv
 
 
 def _connect(server: Server) -> socket.socket:
@@ -86,7 +74,7 @@ def test_client_disconnect_mid_body_is_not_a_server_error(store: Path, tmp_path:
     v2_json += b"0.5, " * ((1000 - len(v2_json)) // 5)
     v2_json += b" " * (1000 - len(v2_json))
     env = {"MODSERVE_ADMIN_TOKEN": TOKEN_16}  # 16 characters: accepted
-    with _serve(store, tmp_path, env) as srv:
+    with serve_store(store, tmp_path, env) as srv:
         _hang_up_mid_body(srv, f"/v1/models/{MODEL}/predict", f"multipart/form-data; boundary={boundary}", multipart)
         _hang_up_mid_body(srv, f"/v2/models/{MODEL}/infer", "application/json", v2_json)
 
@@ -116,7 +104,7 @@ def test_client_disconnect_mid_body_is_not_a_server_error(store: Path, tmp_path:
 
 def test_text_logs_escape_newlines_and_ansi_escapes_from_the_path(store: Path, tmp_path: Path) -> None:
     forged = "/v1/models/x%0AERROR%20forged%20line%1B[31m/predict"
-    with _serve(store, tmp_path, {"MODSERVE_LOG_FORMAT": "text"}) as srv:
+    with serve_store(store, tmp_path, {"MODSERVE_LOG_FORMAT": "text"}) as srv:
         with _connect(srv) as sock:
             sock.sendall(f"POST {forged} HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n"
                          "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode())

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from support.models import image_bytes, write_small_store
-from support.server import Server, free_port, run_server
+from support.server import Server, serve_store
 
 pytestmark = pytest.mark.e2e
 
@@ -120,28 +120,21 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small_store(tmp_path_factory.mktemp("edge-store"), names=[MODEL])
 
 
-def _serve(store: Path, log_dir: Path, env: dict[str, str]) -> Iterator[Server]:
-    port = free_port()
-    base = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
-            "MODSERVE_WARMUP": "false"}
-    with run_server(["-m", "app"], env={**base, **env}, port=port, log_dir=log_dir,
-                    ready_path="/v2/health/ready") as srv:
-        yield srv
-
-
 @pytest.fixture(scope="module")
 def server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Short head and body deadlines, a 3 s keep-alive, default header limits spelled out."""
     env = {"MODSERVE_HEADER_TIMEOUT": "2", "MODSERVE_BODY_TIMEOUT": "2", "MODSERVE_KEEP_ALIVE_TIMEOUT": "3",
            "MODSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES), "MODSERVE_MAX_HEADER_COUNT": str(MAX_HEADER_COUNT)}
-    yield from _serve(store, tmp_path_factory.mktemp("edge-logs"), env)
+    with serve_store(store, tmp_path_factory.mktemp("edge-logs"), env) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def slots_server(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """Two inference slots and a long body deadline; keep-alive left at its default."""
     env = {"MODSERVE_MAX_CONCURRENCY": "2", "MODSERVE_BODY_TIMEOUT": "30"}
-    yield from _serve(store, tmp_path_factory.mktemp("slots-logs"), env)
+    with serve_store(store, tmp_path_factory.mktemp("slots-logs"), env) as srv:
+        yield srv
 
 
 # ---- 431: request head too large -------------------------------------------------------------------

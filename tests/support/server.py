@@ -77,3 +77,14 @@ def run_server(
         yield server
     finally:
         stop(proc)
+
+
+@contextmanager
+def serve_store(store: Path, log_dir: Path, env: dict[str, str] | None = None) -> Iterator[Server]:
+    """A real server on ``store`` (CPU, no warm-up), ready once its models are: the e2e default."""
+    port = free_port()
+    base = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
+            "MODSERVE_WARMUP": "false"}
+    with run_server(["-m", "app"], env={**base, **(env or {})}, port=port, log_dir=log_dir,
+                    ready_path="/v2/health/ready") as srv:
+        yield srv
