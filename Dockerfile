@@ -1,40 +1,62 @@
-# modserve: GPU image on the official PyTorch CUDA runtime image.
+# modserve: one Dockerfile, two images. Only the base and the torch install differ between them.
+#
+# GPU image (the default): the official PyTorch CUDA runtime image, whose CUDA builds of torch and
+# torchvision are kept as they are.
 #
 #   docker build -t modserve:0.1.0 .
 #   docker run --gpus all --stop-timeout 40 -p 127.0.0.1:8000:8000 -v modserve-store:/models modserve:0.1.0
 #
-# The base is pinned by tag. In production pin it by digest as well
-# (FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime@sha256:...), so that a re-pushed tag cannot
+# CPU image: BASE_IMAGE is a Debian or Ubuntu image with python3 >= 3.11 and pip, and TORCH_INSTALL
+# (pip arguments, split on blanks) installs torch and torchvision into it. PyPI's Linux wheels are CUDA
+# builds, which run on the CPU as well (a large image: the CUDA libraries come along); PyTorch's own
+# CPU-only index gives a far smaller one (add `--index-url` and that index to TORCH_INSTALL).
+#
+#   docker build -t modserve:0.1.0-cpu --build-arg BASE_IMAGE=python:3.11-slim-bookworm \
+#     --build-arg TORCH_INSTALL="torch==2.14.1 torchvision==0.29.1" .
+#
+# docker-compose.cpu.yml passes the same two arguments. scripts/container-check.sh builds the CPU image
+# on a Debian bookworm base that it makes with debootstrap, and runs it (deploy/README.md).
+#
+# The GPU base is pinned by tag. In production pin it by digest as well
+# (pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime@sha256:...), so that a re-pushed tag cannot
 # change the image under you: `docker buildx imagetools inspect <tag>` prints the digest.
 # torch 2.11.0 + CUDA 12.8 satisfies pyproject's torch>=2.10 / torchvision>=0.25 and runs on
 # Volta through Blackwell (sm_70..sm_120) with an NVIDIA driver >= 570.
 # Since 2.10 these images use the system Python 3.12 (Ubuntu 24.04), earlier ones a conda Python 3.11:
 # nothing below assumes either (python3 from PATH, Python >= 3.11 is checked during the build).
-FROM pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+ARG BASE_IMAGE=pytorch/pytorch:2.11.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
 # Install the project from pyproject.toml with its dependencies, but never let pip replace the
 # image's CUDA builds of torch/torchvision (a PyPI resolve could pull other builds): their
 # installed versions are written to a constraints file first and checked again afterwards.
-# (python3 -I: the checks import the installed package, not the sources in the working directory.)
+# (python3 -I: the checks import the installed package, never sources from the working directory.)
+# The sources and what importing torch leaves in /tmp are removed in the same step: not in the image.
 # PIP_BREAK_SYSTEM_PACKAGES: the newer images' system Python carries a PEP 668 marker; this image
 # is the only "environment" here, so installing into it is intended (ignored where no marker exists).
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     PIP_BREAK_SYSTEM_PACKAGES=1
-WORKDIR /tmp/modserve-src
-COPY pyproject.toml README.md ./
-COPY app ./app
+
+# The torch install. Empty (the GPU image): nothing is installed, the base image's CUDA builds of
+# torch/torchvision serve. The CPU image: pip arguments that install both (see above), in a layer of
+# their own, so that a change to app/ does not reinstall torch.
+ARG TORCH_INSTALL=""
+RUN if [ -n "$TORCH_INSTALL" ]; then printf '%s' "$TORCH_INSTALL" | xargs python3 -m pip install; fi
+
+COPY pyproject.toml README.md /tmp/modserve-src/
+COPY app /tmp/modserve-src/app
 RUN python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version' \
  && python3 -c 'import importlib.metadata as m; print("\n".join(f"{p}=={m.version(p)}" for p in ("torch", "torchvision")))' \
         > /tmp/base-torch.txt \
  && cat /tmp/base-torch.txt \
- && python3 -m pip install --constraint /tmp/base-torch.txt . \
+ && python3 -m pip install --constraint /tmp/base-torch.txt /tmp/modserve-src \
  && python3 -I -c 'import importlib.metadata as m, sys; want = dict(line.strip().split("==") for line in open("/tmp/base-torch.txt")); got = {p: m.version(p) for p in want}; sys.exit(0 if got == want else f"torch/torchvision replaced: {want} -> {got}")' \
- && python3 -I -c 'import torch, torchvision, app.main; assert torch.version.cuda, "torch is not a CUDA build"; print("torch", torch.__version__, "CUDA", torch.version.cuda)' \
- && rm -rf /tmp/modserve-src /tmp/base-torch.txt
+ && python3 -I -c 'import os, torch, torchvision, app.main; assert torch.version.cuda or os.environ.get("TORCH_INSTALL"), "torch is not a CUDA build (GPU image)"; print("torch", torch.__version__, "CUDA", torch.version.cuda)' \
+ && rm -rf /tmp/modserve-src /tmp/base-torch.txt /tmp/torchinductor_*
 
 # A non-root user with a fixed numeric id (Kubernetes runAsNonRoot can verify a number), and the
 # default store, owned by it so that --demo-if-empty can write the demo store into an empty /models

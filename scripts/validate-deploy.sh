@@ -106,9 +106,9 @@ check_compose() {
     say "check-jsonschema (compose-spec): docker-compose.yml"
     "$BIN/check-jsonschema" --builtin-schema vendor.compose-spec docker-compose.yml
     say "$("$DC" version): config (GPU, and CPU override)"
-    # Rendered as committed: no .env file, no HOST_PORT/STORE_DIR/CONTAINER_USER, so the defaults.
-    local dc=(env -u HOST_PORT -u STORE_DIR -u CONTAINER_USER -u COMPOSE_FILE -u COMPOSE_PROFILES
-              "$DC" --project-directory . --env-file /dev/null)
+    # Rendered as committed: no .env file, no HOST_PORT/STORE_DIR/CONTAINER_USER/CPU_*, so the defaults.
+    local dc=(env -u HOST_PORT -u STORE_DIR -u CONTAINER_USER -u CPU_BASE_IMAGE -u CPU_TORCH_INSTALL
+              -u COMPOSE_FILE -u COMPOSE_PROFILES "$DC" --project-directory . --env-file /dev/null)
     "${dc[@]}" -f docker-compose.yml config --format json > "$OUT/compose-gpu.json"
     "${dc[@]}" -f docker-compose.yml -f docker-compose.cpu.yml config --format json > "$OUT/compose-cpu.json"
     echo "ok -- both variants rendered"

@@ -1,6 +1,7 @@
 """Deployment files: validated by real tools (scripts/validate-deploy.sh), and consistent with the code.
 
-No Docker engine or cluster runs here. What can be checked without one is checked:
+No Docker engine or cluster runs here (the CPU image is built and run with podman by
+tests/deploy/test_container.py). What these tests check without one:
 - hadolint, the Compose Specification schema, Docker Compose's own `config`, kustomize and
   kubernetes-validate (strict), KServe's SDK models: every step passes on the committed files and
   fails on a broken copy;
@@ -363,8 +364,12 @@ def test_image_build_context_and_secrets() -> None:
     assert not {"models_store", "tests", ".venv", "deploy"} & allowed
     user = dockerfile_one("USER").split(":")[0]
     assert user.isdigit() and int(user) != 0, "numeric non-root USER (Kubernetes runAsNonRoot checks it)"
+    # One Dockerfile, two images: FROM is the BASE_IMAGE build argument, whose default (the GPU image's
+    # base) must be the pinned official image; the CPU image passes another (tests/deploy/test_container.py).
+    assert dockerfile_one("FROM") == "${BASE_IMAGE}"
+    args = dict(rest.split("=", 1) for word, rest in dockerfile_instructions() if word == "ARG" and "=" in rest)
     assert re.fullmatch(r"pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime(@sha256:[0-9a-f]{64})?",
-                        dockerfile_one("FROM")), "pinned official PyTorch CUDA runtime image"
+                        args["BASE_IMAGE"]), "pinned official PyTorch CUDA runtime image"
     # the token file is read by compose but never committed; only the example is
     tracked = subprocess.run(["git", "ls-files", "deploy"], cwd=ROOT, capture_output=True,
                              text=True).stdout.split()
