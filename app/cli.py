@@ -28,7 +28,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.log_level, settings.log_format)
     if args.demo_if_empty:
-        from app.demo_store import ensure_demo_store
+        from app.demo.store import ensure_demo_store
 
         ensure_demo_store(settings.store)
     print(f"modserve: serving {settings.store} on http://{settings.host}:{settings.port} "
@@ -51,7 +51,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo_store(args: argparse.Namespace) -> int:
-    from app.demo_store import write_demo_store
+    from app.demo.store import write_demo_store
 
     written = write_demo_store(Path(args.dir), force=args.force)
     for name in written:
@@ -60,7 +60,7 @@ def _demo_store(args: argparse.Namespace) -> int:
 
 
 def _train_demo(args: argparse.Namespace) -> int:
-    from app.demo_train import main as train_main
+    from app.demo.train import main as train_main
 
     return train_main(args.options)
 

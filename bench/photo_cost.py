@@ -76,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store
         if store is None:
-            from app.demo_store import write_demo_store
+            from app.demo.store import write_demo_store
 
             store = Path(tmp) / "store"
             write_demo_store(store)

@@ -68,7 +68,7 @@ def build_workload(
     base_channels: int,
 ) -> Workload:
     from app import nets
-    from app.demo_store import demo_configs
+    from app.demo.store import demo_configs
 
     spec = CONFIGS[config]
     toml = copy.deepcopy(demo_configs()[spec["base"]])

@@ -228,7 +228,7 @@ pkg = pathlib.Path(app.__file__).parent
 out = {
     "python": sys.version.split()[0], "torch": torch.__version__,
     "packages": sorted(p.name for p in pkg.iterdir() if p.is_dir() and p.name != "__pycache__"),
-    "training_code": [m for m in ("app.demo_train", "app.demo_data") if importlib.util.find_spec(m)],
+    "training_code": [m for m in ("app.demo.train", "app.demo.data") if importlib.util.find_spec(m)],
     "demo_models": sorted(p.name for p in (pkg / "demo_models").iterdir()),
     "tmp": sorted(os.listdir("/tmp")),
     "strays": [p for p in ("/tests", "/bench", "/tmp/modserve-src", "/root/.cache", "/home/modserve/.cache",

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.demo_data import make_sample
-from app.demo_train import EXTRA_RADIUS, SAMPLE_SEED, SAMPLE_SIZE, SAMPLES, seg_target
-from app.demo_trained import write_trained_models
+from app.demo.data import make_sample
+from app.demo.train import EXTRA_RADIUS, SAMPLE_SEED, SAMPLE_SIZE, SAMPLES, seg_target
+from app.demo.trained import write_trained_models
 from support.server import Server, free_port, run_server
 
 pytestmark = pytest.mark.e2e

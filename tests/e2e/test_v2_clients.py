@@ -20,7 +20,7 @@ from support.models import build_small, image_bytes, small_configs
 from support.server import Server, free_port, run_server
 from tritonclient.utils import InferenceServerException
 
-from app.demo_store import demo_configs
+from app.demo.store import demo_configs
 from app.store.writer import write_model
 from app.runtime.images import decode_image
 from app.runtime.preprocess import Preprocessor

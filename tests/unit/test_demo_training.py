@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from app import nets
-from app.demo_data import cls_label, make_sample
-from app.demo_train import (
+from app.demo.data import cls_label, make_sample
+from app.demo.train import (
     EXTRA_RADIUS,
     SAMPLE_SEED,
     SAMPLE_SIZE,
@@ -25,7 +25,7 @@ from app.demo_train import (
     iou_from_confusion,
     seg_target,
 )
-from app.demo_trained import (
+from app.demo.trained import (
     CHECKPOINT_FILES,
     CLS_LABELS,
     COLOURS,

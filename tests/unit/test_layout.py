@@ -95,3 +95,13 @@ def test_every_error_type_lives_in_app_errors() -> None:
             ):
                 found.append(f"{path.relative_to(APP.parent)}:{node.name}")
     assert found == []
+
+
+def test_the_server_never_imports_the_trainer() -> None:
+    graph, seen, todo = _graph(), set(), ["app.main", "app.cli", "app.demo.store"]
+    while todo:
+        node = todo.pop()
+        if node not in seen:
+            seen.add(node)
+            todo.extend(graph.get(node, ()))
+    assert "app.demo.store" in seen and not {"app.demo.train", "app.demo.data"} & seen

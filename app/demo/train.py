@@ -1,6 +1,6 @@
-"""Train the demo models on synthetic shapes: ``python -m app.demo_train`` (``modserve train-demo``).
+"""Train the demo models on synthetic shapes: ``python -m app.demo.train`` (``modserve train-demo``).
 
-The data comes from :mod:`app.demo_data`: synthetic shapes with their masks, a pure function of
+The data comes from :mod:`app.demo.data`: synthetic shapes with their masks, a pure function of
 ``(seed, index)``, shared by the page's samples, the training and the tests.
 
 The training (CPU, one torch thread by default; the same seed, torch build, CPU and thread count
@@ -16,7 +16,7 @@ give byte-identical checkpoints):
   the scalar threshold sharp at little cost.
 
 It writes ``app/demo_models/`` (checkpoints and ``checkpoints.toml`` with their sha256 and the
-figures) and the page's samples ``app/static/samples/``. See :mod:`app.demo_trained`.
+figures) and the page's samples ``app/static/samples/``. See :mod:`app.demo.trained`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from app import nets
-from app.demo_trained import (
+from app.demo.trained import (
     CHECKPOINT_FILES,
     COLOURS,
     DEMO_DIR,
@@ -53,11 +53,11 @@ from app.demo_trained import (
     quantize_state_dict,
     state_dict_bytes,
 )
-from app.demo_data import make_sample
+from app.demo.data import make_sample
 from app.runtime.preprocess import Preprocessor
 from app.store.model_config import PreprocessConfig
 
-SAMPLES_DIR = Path(__file__).resolve().parent / "static" / "samples"
+SAMPLES_DIR = Path(__file__).resolve().parents[1] / "static" / "samples"
 
 
 # ---- training (torch) -----------------------------------------------------------------------
@@ -112,7 +112,7 @@ def _say(text: str) -> None:
 
 
 def _preprocessor(name: str) -> Preprocessor:
-    from app.demo_trained import trained_configs
+    from app.demo.trained import trained_configs
 
     return Preprocessor(PreprocessConfig(**trained_configs()[name]["preprocess"]), default_resize=None)
 
@@ -397,7 +397,7 @@ def _write_bytes(path: Path, data: bytes) -> str:
 def write_manifest(out: Path, entries: dict[str, dict[str, Any]]) -> None:
     from app.store.writer import to_toml
 
-    text = "# Written by `python -m app.demo_train` (modserve train-demo); read by app/demo_trained.py.\n"
+    text = "# Written by `python -m app.demo.train` (modserve train-demo); read by app/demo/trained.py.\n"
     text += to_toml(entries)
     (out / MANIFEST).write_text(text)
 
@@ -409,7 +409,7 @@ def train(cfg: TrainSettings, *, out: Path = DEMO_DIR, only: tuple[str, ...] = (
     report = Report()
     start = time.perf_counter()
     try:
-        from app.demo_trained import read_manifest
+        from app.demo.trained import read_manifest
 
         entries: dict[str, dict[str, Any]] = read_manifest(out)
     except Exception:  # noqa: BLE001 - no manifest yet

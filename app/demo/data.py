@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw
 
-from app.demo_trained import COLOURS, HUE_SPREAD, HUES, SHAPES, THRESHOLD
+from app.demo.trained import COLOURS, HUE_SPREAD, HUES, SHAPES, THRESHOLD
 
 
 # ---- synthetic data (numpy + Pillow) ------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The trained demo models: committed checkpoints in ``app/demo_models/``, written into a store.
 
-Two models that show real answers on the synthetic shapes of :mod:`app.demo_train`:
+Two models that show real answers on the synthetic shapes of :mod:`app.demo.train`:
 
 ``shapes_unet``
     a narrow U-Net (``base_channels`` 8, two classes: background and shape) whose colour mask the
@@ -34,7 +34,7 @@ from app.errors import DemoModelsError
 
 log = logging.getLogger("modserve.demo")
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo_models"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo_models"
 MANIFEST = "checkpoints.toml"
 
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle")
@@ -150,7 +150,7 @@ def read_manifest(demo_dir: Path = DEMO_DIR) -> dict[str, Any]:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DemoModelsError(
-            f"{path} is missing: the trained demo checkpoints are not there (run `python -m app.demo_train`)"
+            f"{path} is missing: the trained demo checkpoints are not there (run `python -m app.demo.train`)"
         ) from None
 
 
@@ -162,7 +162,7 @@ def _committed_bytes(name: str, manifest: dict[str, Any], demo_dir: Path) -> byt
     try:
         data = path.read_bytes()
     except FileNotFoundError:
-        raise DemoModelsError(f"{path} is missing (run `python -m app.demo_train`)") from None
+        raise DemoModelsError(f"{path} is missing (run `python -m app.demo.train`)") from None
     digest = hashlib.sha256(data).hexdigest()
     if digest != entry["sha256"]:
         raise DemoModelsError(f"{path}: sha256 {digest} differs from {entry['sha256']} in {MANIFEST}")

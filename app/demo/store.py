@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from app import nets
-from app.demo_trained import write_trained_models
+from app.demo.trained import write_trained_models
 from app.store import ModelStore
 from app.store.writer import write_model
 
