@@ -28,6 +28,8 @@ import torch
 
 from app.errors import Conflict, InvalidInput, ServiceError
 from app.loading import CheckpointSpec, file_sha256, load_checkpoint
+from app.nets import net_spec
+from app.runtime.factory import RUNTIMES
 from app.registry import ModelRegistry, ModelStatus
 from app.store import ModelStore
 from app.store.model_config import ModelConfig, load_model_config, parse_model_config
@@ -58,6 +60,7 @@ class UploadResult:
 class AdminService:
     def __init__(self, registry: ModelRegistry, store: ModelStore) -> None:
         self.registry, self.store = registry, store
+        self._upload_locks: dict[str, asyncio.Lock] = {}
 
     async def load(self, name: str, version: str | None, client: str) -> ModelStatus:
         check_name(name)
@@ -98,6 +101,14 @@ class AdminService:
     ) -> UploadResult:
         check_name(name)
         version = check_version(version)
+        # One upload per model at a time: what is checked against the store (its model.toml, its
+        # versions) must still hold when the new version is published.
+        async with self._upload_locks.setdefault(name, asyncio.Lock()):
+            return await self._upload_locked(name, version, chunks, model_toml)
+
+    async def _upload_locked(
+        self, name: str, version: str, chunks: AsyncIterator[bytes], model_toml: bytes | None
+    ) -> UploadResult:
         folder = self.store.root / name
         if folder.exists() or folder.is_symlink():
             self.store.inside(folder)
@@ -151,13 +162,18 @@ class AdminService:
             except ServiceError as exc:
                 raise InvalidInput(f"uploaded model.toml does not fit version {existing}: {exc.message}") from None
             want = config.checkpoint.sha256_for(existing)
-            if want is None:
-                continue
-            have = file_sha256(path)
-            if want.strip().lower().removeprefix("sha256:") != have:
+            if want is not None and want.strip().lower().removeprefix("sha256:") != file_sha256(path):
                 raise InvalidInput(
-                    f"uploaded model.toml records sha256 {want} for version {existing}, but its file is {have}"
+                    f"uploaded model.toml records sha256 {want} for version {existing}, but its file differs"
                 )
+        if entry.versions:  # the version a fallback or a rollback would serve must still load under it
+            newest = entry.versions[-1]
+            try:
+                check_loads(config, self.store.checkpoint_path(replace(entry, config=config), newest), newest)
+            except ServiceError as exc:
+                raise InvalidInput(
+                    f"uploaded model.toml does not fit version {newest}, which would stop loading: {exc.message}"
+                ) from None
 
     def _publish(self, stage: Path, folder: Path, version: str, new_toml: bool) -> None:
         """Make the validated version visible with one rename (the whole folder for a new model)."""
@@ -242,12 +258,25 @@ def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
     if not isinstance(obj, dict) or not any(isinstance(v, (torch.Tensor, dict)) for v in obj.values()):
         raise InvalidInput("uploaded checkpoint holds no state_dict (a dict of tensors)")
     del obj
-    spec = CheckpointSpec(path=path, format="state_dict", sha256=config.checkpoint.sha256_for(version))
     try:
-        loaded = load_checkpoint(config.architecture, config.arguments, spec, "cpu")
+        check_loads(config, path, version, fmt="state_dict")
     except ServiceError as exc:  # the staging path means nothing to the client
         exc.message = exc.message.replace(str(path), "the uploaded checkpoint")
         raise
+
+
+def check_loads(config: ModelConfig, path: Path, version: str, *, fmt: str | None = None) -> None:
+    """What a load would do, on the CPU: strict load into the configured net, finite weights, the
+    runtime family's configuration checks (labels, mask values, heads) and one smoke forward."""
+    spec = CheckpointSpec(
+        path=path, format=fmt or config.checkpoint.format,  # type: ignore[arg-type]
+        sha256=config.checkpoint.sha256_for(version), pickled_class_names=config.checkpoint.pickled_class_names,
+    )
+    loaded = load_checkpoint(config.architecture, config.arguments, spec, "cpu")
     bad = [k for k, t in loaded.model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
     if bad:
-        raise InvalidInput(f"uploaded weights hold NaN or infinite values (e.g. {', '.join(bad[:3])})")
+        raise InvalidInput(f"weights hold NaN or infinite values (e.g. {', '.join(bad[:3])})")
+    family = RUNTIMES[net_spec(config.architecture).task]
+    runtime = family(name="upload", version=version, config=config, model=loaded.model,
+                     device=torch.device("cpu"), sha256=loaded.sha256, metadata=loaded.metadata)
+    runtime.smoke_test()

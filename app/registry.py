@@ -274,6 +274,12 @@ class ModelRegistry:
             await self._retire(old)
         return status
 
+    def _inside_store(self, message: str) -> str:
+        """Store-relative paths in messages that unauthenticated clients read (listings, probes)."""
+        for root in {str(self.store.real_root), str(self.store.root.absolute()), str(self.store.root)}:
+            message = message.replace(root.rstrip("/") + "/", "")
+        return message
+
     async def _build_newest(
         self, status: ModelStatus, version: str | None
     ) -> tuple[ModelRuntime | None, list[tuple[str, ServiceError]]]:
@@ -294,6 +300,7 @@ class ModelRegistry:
                 return runtime, failures
             except Exception as exc:  # noqa: BLE001 - recorded; then the next older version is tried
                 err = exc if isinstance(exc, ServiceError) else ServiceError(f"{type(exc).__name__}: {exc}")
+                err.message = self._inside_store(err.message)
                 failures.append((candidate, err))
         if len(failures) == 1:
             raise failures[0][1]

@@ -38,7 +38,13 @@ class SegmenterRuntime(ModelRuntime):
     def _mask_values(self) -> list[Any]:
         values = self.config.postprocess.mask_values or self.metadata.get("mask_values")
         if values:
-            out = [list(v) if isinstance(v, (list, tuple)) else int(v) for v in values]
+            try:
+                out = [list(v) if isinstance(v, (list, tuple)) else int(v) for v in values]
+                np.asarray(out, dtype=np.int64)  # regular: all grey levels, or all triples
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"model {self.name}: mask_values must be grey levels or [r, g, b] triples") from None
+            if not all(0 <= c <= 255 for v in out for c in (v if isinstance(v, list) else [v])):
+                raise ConfigError(f"model {self.name}: mask_values must be within 0..255")
             needed = self.num_classes + (self.num_classes == 1)
             if len(out) < needed:
                 raise ConfigError(

@@ -106,6 +106,20 @@ class PostprocessConfig(BaseModel):
     mask_values: tuple[int, ...] | tuple[tuple[int, ...], ...] | None = None
     """Pixel value painted for class i; RGB triples give a colour mask."""
 
+    @field_validator("mask_values")
+    @classmethod
+    def _pixel_values(cls, value: Any) -> Any:
+        """Grey levels 0..255, or RGB triples of them: what a mask PNG can hold."""
+        if value is None:
+            return value
+        for v in value:
+            items = v if isinstance(v, tuple) else (v,)
+            if isinstance(v, tuple) and len(v) != 3:
+                raise ValueError("colour mask values must be [r, g, b] triples")
+            if any(not 0 <= c <= 255 for c in items):
+                raise ValueError("mask values must be within 0..255")
+        return value
+
 
 class ModelConfig(BaseModel):
     model_config = _Strict

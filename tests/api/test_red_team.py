@@ -192,3 +192,88 @@ def test_large_same_size_images_do_not_share_a_forward(store: Path) -> None:
         assert c.post("/v1/models/seg/predict", json={"instances": [small] * 3}).status_code == 200
         sizes = c.get("/v1/models/seg").json()["batching"]["batch_sizes"]
     assert sizes == {"1": 3, "3": 1}, sizes
+
+
+# ---- second pass ------------------------------------------------------------------------------
+
+
+def _head_ckpt(classes: int, seed: int = 0) -> bytes:
+    from app import nets
+
+    torch.manual_seed(seed)
+    net = nets.get_net("resnet50_head", num_classes=classes, backbone="resnet18")
+    buf = io.BytesIO()
+    torch.save(net.state_dict(), buf)
+    return buf.getvalue()
+
+
+def _head_toml(classes: int, **post: Any) -> str:
+    cfg = {**small_configs()["resnet50_head"]}
+    cfg["arguments"] = {**cfg["arguments"], "num_classes": classes}
+    cfg["postprocess"] = {"labels": [f"c{i}" for i in range(classes)], **post}
+    return to_toml(cfg)
+
+
+def test_an_uploaded_model_toml_may_not_strand_the_existing_versions(client: TestClient, store: Path) -> None:
+    before = (store / "resnet50_head" / "model.toml").read_bytes()
+    r = client.put("/admin/models/resnet50_head/versions/5", headers=AUTH,  # 5 classes: version 1 has 4
+                   files={"checkpoint": ("model.pt", _head_ckpt(5)), "model_toml": (None, _head_toml(5))})
+    assert r.status_code == 422 and "would stop loading" in r.json()["error"], r.text
+    assert (store / "resnet50_head" / "model.toml").read_bytes() == before
+    assert not (store / "resnet50_head" / "5").exists()
+
+
+@pytest.mark.parametrize(
+    ("post", "needle"),
+    [({"labels": ["only-one"]}, "labels has 1 names"), ({"mask_values": [0, 100, 300]}, "0..255")],
+)
+def test_configuration_mistakes_in_an_uploaded_model_toml_are_422_at_upload(
+    client: TestClient, store: Path, post: dict[str, Any], needle: str
+) -> None:
+    cfg = {**small_configs()["unet" if "mask_values" in post else "resnet50_head"]}
+    cfg["postprocess"] = {**cfg.get("postprocess", {}), **post}
+    name = "unet" if "mask_values" in post else "resnet50_head"
+    r = client.put(f"/admin/models/fresh_{name}/versions/1", headers=AUTH,
+                   files={"checkpoint": ("m", _ckpt(name)), "model_toml": (None, to_toml(cfg))})
+    assert r.status_code == 422 and needle in r.json()["error"], r.text
+    assert not (store / f"fresh_{name}").exists()
+
+
+def test_concurrent_uploads_creating_one_model_are_serialised(store: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    app = create_app(Settings(store=store, warmup=False, admin_token=TOKEN))
+
+    async def main() -> list[int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=120) as c:
+                rs = await asyncio.gather(*(
+                    c.put(f"/admin/models/racer/versions/{v}", headers=AUTH,
+                          files={"checkpoint": ("m.pt", _head_ckpt(k)), "model_toml": (None, _head_toml(k))})
+                    for v, k in (("1", 4), ("2", 5))
+                ))
+                load = await c.post("/v2/repository/models/racer/load", headers=AUTH)
+        assert load.status_code == 200, load.text
+        return [r.status_code for r in rs]
+
+    assert sorted(asyncio.run(main())) == [200, 422]  # the second sees the first's model.toml and versions
+
+
+def test_load_errors_show_no_absolute_store_paths(client: TestClient, store: Path) -> None:
+    (store / "broken").mkdir()
+    (store / "broken" / "model.toml").write_text(to_toml(small_configs()["unet"]))
+    (store / "broken" / "1").mkdir()
+    (store / "broken" / "1" / "model.pth").write_bytes(b"not a checkpoint")
+    r = client.post("/v2/repository/models/broken/load", headers=AUTH)
+    assert r.status_code == 422 and "broken/1/model.pth" in r.json()["error"]
+    for body in (r.text, client.get("/v1/models/broken").text, client.post("/v2/repository/index").text):
+        assert str(store) not in body and str(store.resolve()) not in body
+
+
+def test_health_probes_answer_head(client: TestClient) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready"):
+        r = client.head(path)
+        assert r.status_code == 200 and r.content == b""

@@ -10,6 +10,7 @@ from app.api.deps import RegistryDep, ServerStateDep, SettingsDep
 router = APIRouter(prefix="/v2/health", tags=["health"])
 
 
+@router.head("/live", include_in_schema=False)  # HEAD-based checkers (RFC 9110: HEAD wherever GET)
 @router.get(
     "/live",
     summary="Liveness: the process can serve",
@@ -21,6 +22,7 @@ async def live(state: ServerStateDep) -> JSONResponse:
     return JSONResponse({"live": True})
 
 
+@router.head("/ready", include_in_schema=False)
 @router.get(
     "/ready",
     summary="Readiness: the models serve (MODSERVE_STRICT_READINESS: all of them, else at least one)",
