@@ -9,6 +9,7 @@ for ``trusted`` specs, and never as a fallback after a refusal.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,13 @@ from app.loading.allowlist import (
 from app.loading.files import (
     Container,
     file_sha256,
+    read_safetensors,
     require_file,
     sniff_container,
     torch_load,
     where,
 )
-from app.loading.statedict import Kind, compare_shapes, describe_mismatch, split_checkpoint
+from app.loading.statedict import Kind, compare_shapes, describe_mismatch, small_json, split_checkpoint
 from app.nets import get_net, net_spec
 from app.runtime.budget import device_memory_bytes
 
@@ -247,20 +249,33 @@ def load_checkpoint(
     path = Path(spec.path)
     require_file(path)
     # One open file for digest, scan and load: what was digested is what gets unpickled.
+    header: dict[str, Any] = {}
     with open(path, "rb") as fh:
         digest = _check_digest(fh, path, spec.sha256)
         container = sniff_container(fh)
-        try:
-            needed = unsafe_globals(fh, container)
-        except Exception as exc:  # noqa: BLE001 - a pickle the disassembler cannot read
-            raise CheckpointCorrupt(
-                f"{path}: truncated or not a torch checkpoint (unreadable pickle: {exc})"
-            ) from None
-        fresh = _build(arch, arch_kwargs)
-        obj = _unpickle(fh, container, needed, fresh, root_class, arch, spec)
+        if container == "safetensors":
+            if spec.format == "whole_model":
+                raise CheckpointFormatMismatch(
+                    f"{path} is a safetensors file, which holds tensors (a state_dict), never a whole model; "
+                    'set format = "state_dict" or "auto"'
+                )
+            fresh = _build(arch, arch_kwargs)
+            obj, header = read_safetensors(fh)  # no pickle at all
+        else:
+            try:
+                needed = unsafe_globals(fh, container)
+            except Exception as exc:  # noqa: BLE001 - a pickle the disassembler cannot read
+                raise CheckpointCorrupt(
+                    f"{path}: truncated or not a torch checkpoint (unreadable pickle: {exc})"
+                ) from None
+            fresh = _build(arch, arch_kwargs)
+            if root_class is nn.Module:  # a builder of many classes (torchvision): the one built is the root
+                root_class = type(fresh)
+            obj = _unpickle(fh, container, needed, fresh, root_class, arch, spec)
 
     split = split_checkpoint(obj, str(path))
     del obj
+    split.metadata = {**_small(header), **split.metadata}
     if spec.format == "state_dict" and split.kind == "whole_model":
         raise CheckpointFormatMismatch(
             f"{path} is a whole model (torch.save(model)), not a state_dict; "
@@ -276,6 +291,16 @@ def load_checkpoint(
     return LoadedCheckpoint(model, split.metadata, digest, split.kind, split.dataparallel)
 
 
+def _small(header: dict[str, Any]) -> dict[str, Any]:
+    """A safetensors header's metadata, as small JSON (it travels to API responses), or nothing."""
+    try:
+        out = small_json(header)
+    except (ValueError, TypeError, RecursionError):
+        log.warning("safetensors metadata dropped: too large or not plain data")
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
 def _copy_weights(
     fresh: nn.Module,
     tensors: Mapping[str, torch.Tensor],
@@ -284,12 +309,18 @@ def _copy_weights(
     path: Path,
 ) -> None:
     """Check keys and shapes ourselves (for a readable error), then load_state_dict(strict=True)."""
-    mismatch = compare_shapes(fresh.state_dict(), tensors)
+    expected = fresh.state_dict()
+    mismatch = compare_shapes(expected, tensors)
     if not mismatch:
+        if getattr(tensors, "_metadata", None) is None and all(k in tensors for k in expected):
+            # Whole models and safetensors carry no module versions; with every key present the layout
+            # is the current one, so say so (torchvision's MNASNet refuses a state_dict without it).
+            tensors = OrderedDict(tensors)
+            tensors._metadata = getattr(expected, "_metadata", None)  # type: ignore[attr-defined]
         try:
             fresh.load_state_dict(tensors, strict=True)
             return
-        except RuntimeError as exc:  # e.g. a num_batches_tracked torch would not fill in
+        except (RuntimeError, ValueError) as exc:  # e.g. a num_batches_tracked torch would not fill in
             raise StateDictMismatch(
                 f"{path} does not load into '{arch}' with {dict(arch_kwargs)}: "
                 f"{' '.join(str(exc).split())[:600]}"

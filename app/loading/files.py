@@ -7,6 +7,8 @@ digest, not a checkpoint) before any of its opcodes are interpreted.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import pickle
 import re
 import threading
@@ -25,7 +27,7 @@ from app.errors import (
     UnsafeCheckpoint,
 )
 
-Container = Literal["zip", "legacy"]
+Container = Literal["zip", "legacy", "safetensors"]
 
 # torch.serialization.safe_globals mutates one process-wide set: hold this lock around
 # every scan/load that depends on it so concurrent loads cannot see each other's allowlist.
@@ -71,12 +73,14 @@ def require_file(path: Path) -> int:
 
 
 def sniff_container(fh: BinaryIO) -> Container:
-    """Tell torch's zip format from the legacy pickle stream, refusing anything else.
+    """Tell torch's zip format from the legacy pickle stream and safetensors, refusing anything else.
 
     torch.load's own error for a half-copied zip is an obscure PytorchStreamReader
     message; checking the central directory here gives an actionable one instead.
     """
     path = where(fh)
+    if _looks_like_safetensors(fh):  # first: a header length's low byte may well be 0x80
+        return "safetensors"
     fh.seek(0)
     head = fh.read(4)
     if head.startswith(_ZIP_MAGIC):
@@ -101,6 +105,8 @@ def sniff_container(fh: BinaryIO) -> Container:
         return "zip"
     if head and head[0] == _PICKLE_PROTO:
         return "legacy"
+    if path.endswith(".safetensors"):
+        return "safetensors"  # a broken one is refused by read_safetensors with safetensors' own reason
     raise CheckpointCorrupt(
         f"{path}: not a torch checkpoint (neither a torch zip archive nor a pickle stream; "
         f"starts with {head!r})"
@@ -189,3 +195,86 @@ def torch_load(
             f"{path}: unpickling failed ({type(exc).__name__}: {exc}); the file is corrupt or its "
             "pickled classes do not match the configured architecture"
         ) from None
+
+
+# --- safetensors: a JSON header and raw tensor bytes; nothing in it is ever unpickled -------------
+
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
+"""safetensors' own limit on the JSON header."""
+
+
+def _looks_like_safetensors(fh: BinaryIO) -> bool:
+    """8-byte little-endian header length, then a JSON object that fits in the file."""
+    fh.seek(0)
+    head = fh.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    length = int.from_bytes(head[:8], "little")
+    size = fh.seek(0, os.SEEK_END)
+    return 2 <= length <= min(SAFETENSORS_MAX_HEADER, size - 8)
+
+
+def _same_file(fh: BinaryIO) -> str:
+    """A path to the very file ``fh`` has open (so what was digested is what is read), where the
+    system offers one; else the file's name."""
+    try:
+        fd_path = f"/proc/self/fd/{fh.fileno()}"
+    except (AttributeError, OSError, ValueError):
+        return where(fh)
+    return fd_path if os.path.exists(fd_path) else where(fh)
+
+
+def _header_metadata(raw: dict[str, str] | None) -> dict[str, Any]:
+    """The header's ``__metadata__`` (strings only); values that are JSON (``"[0, 255]"``) are decoded."""
+    out: dict[str, Any] = {}
+    for key, value in (raw or {}).items():
+        try:
+            out[str(key)] = json.loads(value)
+        except (TypeError, ValueError, RecursionError):
+            out[str(key)] = value
+    return out
+
+
+def _safetensors_error(fh: BinaryIO, exc: BaseException) -> CheckpointCorrupt:
+    msg = " ".join(str(exc).split())[:300]
+    return CheckpointCorrupt(f"{where(fh)}: not a valid safetensors file ({msg}); was the download or copy cut short?")
+
+
+def read_safetensors(fh: BinaryIO) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """All tensors of a ``.safetensors`` file (safetensors.torch.load_file: no pickle) and its metadata."""
+    import safetensors
+    import safetensors.torch
+
+    source = _same_file(fh)
+    try:
+        with safetensors.safe_open(source, framework="pt") as handle:
+            metadata = handle.metadata()
+        tensors = safetensors.torch.load_file(source, device="cpu")
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _safetensors_error(fh, exc) from None
+    return tensors, _header_metadata(metadata)
+
+
+def safetensors_shapes(fh: BinaryIO) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Meta-device tensors of each entry's shape and dtype, from the header alone (for inspection)."""
+    import safetensors
+
+    source = _same_file(fh)
+    out: dict[str, torch.Tensor] = {}
+    try:
+        with safetensors.safe_open(source, framework="pt") as handle:
+            metadata = handle.metadata()
+            for key in handle.keys():
+                part = handle.get_slice(key)
+                dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.uint8)
+                out[key] = torch.empty(part.get_shape(), dtype=dtype, device="meta")
+    except (safetensors.SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _safetensors_error(fh, exc) from None
+    return out, _header_metadata(metadata)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}

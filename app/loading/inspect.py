@@ -25,9 +25,17 @@ from app.loading.allowlist import (
     stand_in,
     unsafe_globals,
 )
-from app.loading.files import Container, file_sha256, require_file, sniff_container, torch_load
-from app.loading.statedict import Kind, compare_shapes, split_checkpoint
+from app.loading.files import (
+    Container,
+    file_sha256,
+    require_file,
+    safetensors_shapes,
+    sniff_container,
+    torch_load,
+)
+from app.loading.statedict import Kind, compare_shapes, small_json, split_checkpoint
 from app.nets import get_net, list_nets, net_spec
+from app.nets.torchvision_nets import GUESSERS
 
 try:
     from torch._weights_only_unpickler import _blocklisted_modules as _TORCH_BLOCKED
@@ -52,6 +60,22 @@ class ArchFit:
 
     def __str__(self) -> str:
         return f"{self.arch}({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"
+
+    def to_toml(self) -> str:
+        """The start of a model.toml for this fit: architecture and arguments (unset ones left out)."""
+        import tomli_w
+
+        doc: dict[str, Any] = {"architecture": self.arch}
+        arguments = {k: v for k, v in self.kwargs.items() if v is not None}
+        if arguments:
+            doc["arguments"] = arguments
+        text = tomli_w.dumps(doc)
+        if self.arch in GUESSERS:
+            text += (
+                "# torchvision's own training recipe normalises with ImageNet statistics; use your training's:\n"
+                "# [preprocess]\n# mean = [0.485, 0.456, 0.406]\n# std = [0.229, 0.224, 0.225]\n"
+            )
+        return text
 
 
 @dataclass
@@ -106,6 +130,10 @@ class CheckpointFacts:
             lines.append("SUSPICIOUS:  " + ", ".join(self.suspicious_globals))
         lines.append("fits:        " + ("; ".join(map(str, self.fits)) or "no registered architecture"))
         lines.extend(f"note:        {n}" for n in self.notes)
+        if self.fits:
+            more = f" (first of {len(self.fits)} fits)" if len(self.fits) > 1 else ""
+            lines.append(f"model.toml{more}:")
+            lines.extend(f"    {line}" if line else "" for line in self.fits[0].to_toml().splitlines())
         return "\n".join(lines)
 
 
@@ -115,6 +143,8 @@ def inspect_checkpoint(path: Path) -> CheckpointFacts:
     size = require_file(path)
     with open(path, "rb") as fh:
         container = sniff_container(fh)
+        if container == "safetensors":
+            return _inspect_safetensors(fh, path, size)
         try:
             needed = unsafe_globals(fh, container)
         except Exception as exc:  # noqa: BLE001 - disassembler failure means not a pickle we know
@@ -145,6 +175,25 @@ def inspect_checkpoint(path: Path) -> CheckpointFacts:
     facts.parameter_count = sum(t.numel() for t in split.tensors.values())
     if split.tensors:
         facts.fits = fit_architectures(split.tensors)
+    return facts
+
+
+def _inspect_safetensors(fh: BinaryIO, path: Path, size: int) -> CheckpointFacts:
+    """A safetensors file from its header alone: names, shapes, dtypes, metadata; no tensor is read."""
+    tensors, header = safetensors_shapes(fh)
+    facts = CheckpointFacts(str(path), size, file_sha256(fh), "safetensors")
+    if not tensors:
+        facts.notes.append("no tensors in the file")
+        return facts
+    split = split_checkpoint(tensors, str(path))
+    facts.kind, facts.dataparallel = split.kind, split.dataparallel
+    try:
+        facts.metadata = small_json(header)
+    except (ValueError, TypeError, RecursionError):
+        facts.other_entries = ["__metadata__"]
+    facts.tensor_count = len(split.tensors)
+    facts.parameter_count = sum(t.numel() for t in split.tensors.values())
+    facts.fits = fit_architectures(split.tensors)
     return facts
 
 
@@ -217,16 +266,26 @@ def fit_architectures(tensors: Mapping[str, torch.Tensor]) -> list[ArchFit]:
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     fits: list[ArchFit] = []
     for arch in list_nets():
+        if arch in GUESSERS:  # builders of many models: candidates from key patterns, a few at most
+            for candidate in GUESSERS[arch](shapes):
+                if _fits(arch, candidate, tensors):
+                    fits.append(ArchFit(arch, candidate))
+            continue
         kwargs = dict(net_spec(arch).defaults)
         inferred = {p: v for p in kwargs if (v := _infer(p, shapes)) is not None}
         if not inferred:
             continue
         kwargs.update(inferred)
-        try:
-            with torch.device("meta"):
-                expected = get_net(arch, **kwargs).state_dict()
-        except (TypeError, ValueError):
-            continue
-        if not compare_shapes(expected, tensors):
+        if _fits(arch, kwargs, tensors):
             fits.append(ArchFit(arch, kwargs))
     return fits
+
+
+def _fits(arch: str, kwargs: dict[str, Any], tensors: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``arch(**kwargs)``, built on the meta device, has exactly these keys and shapes."""
+    try:
+        with torch.device("meta"):
+            expected = get_net(arch, **kwargs).state_dict()
+    except (TypeError, ValueError, RuntimeError):
+        return False
+    return not compare_shapes(expected, tensors)

@@ -133,7 +133,7 @@ def builder_params(name: str) -> set[str]:
     return set(_spec(name).defaults)
 
 
-def get_net(name: str, **kwargs: Any) -> nn.Module:
+def get_net(name: str, /, **kwargs: Any) -> nn.Module:
     """Build ``name`` with ``kwargs`` (in train mode, as constructed; the loader calls eval())."""
     spec = _spec(name)
     unknown = set(kwargs) - set(spec.defaults)
@@ -148,4 +148,4 @@ def get_net(name: str, **kwargs: Any) -> nn.Module:
 __all__ = ["NetSpec", "Task", "builder_params", "get_net", "list_nets", "net_spec", "register_net"]
 
 # Importing the builder modules registers them; they import register_net from above.
-from app.nets import resnets, unet  # noqa: E402,F401
+from app.nets import layers, resnets, torchvision_nets, unet  # noqa: E402,F401

@@ -22,7 +22,10 @@ from app.nets.resnets import ResNetDual, ResNetExtra, ResNetExtraDual
 from app.nets.unet import UNet as OurUNet
 from ckpt_helpers import reference_unet_module
 
-ALL_NETS = ["resnet50_dual", "resnet50_extra", "resnet50_extra_dual", "resnet50_head", "unet"]
+ALL_NETS = [
+    "layer_stack", "resnet50_dual", "resnet50_extra", "resnet50_extra_dual", "resnet50_head", "torchvision",
+    "torchvision_segmentation", "unet",
+]
 RESNET_NETS = ["resnet50_head", "resnet50_extra", "resnet50_dual", "resnet50_extra_dual"]
 
 
