@@ -38,6 +38,7 @@ class Instance:
     image_bytes: bytes | None = None
     image: np.ndarray | None = None  # float32 (C, h, w), already normalised
     scalar: Sequence[float] | None = None
+    tensor: np.ndarray | None = None  # the input of a tensor-in model
 
 
 @dataclass
@@ -152,14 +153,16 @@ class InferenceService:
                 size = (int(raw.shape[1]), int(raw.shape[2]))
                 image = runtime.preprocess(raw)
                 del raw
+        elif inst.tensor is not None:
+            image, size = runtime.tensor_input(inst.tensor), None
         elif inst.image is not None:
             runtime.check_image_size(*inst.image.shape[-2:], preprocessed=True)
             image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32)).to(runtime.device)
             size = None
         else:
-            raise InvalidInput("missing image")
+            raise InvalidInput("missing input: an image or a tensor")
         item = runtime.make_item(image, size=size, scalar=scalar, outputs=outputs)
-        item.solo = runtime.needs_own_batch(int(image.shape[-2]), int(image.shape[-1]))
+        item.solo = runtime.needs_own_batch(image)
         return item, size
 
     @staticmethod

@@ -8,6 +8,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 from fastapi import Request
 from starlette.datastructures import UploadFile
 
@@ -48,6 +49,21 @@ def _json_scalar(value: Any, index: int) -> list[float] | None:
         if not _finite_float(v):
             raise InvalidInput(f"instances[{index}].scalar must be a finite number within float range")
     return [float(v) for v in items]
+
+
+def _json_tensor(value: list[Any], index: int) -> np.ndarray:
+    """Nested lists of numbers (not booleans) in row-major order, as float32."""
+    def numbers(v: Any, depth: int) -> bool:
+        if isinstance(v, list):
+            return depth < 4 and all(numbers(x, depth + 1) for x in v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and _finite_float(v)
+
+    if not numbers(value, 0):
+        raise InvalidInput(f"instances[{index}] must be finite numbers, nested at most 4 deep")
+    try:
+        return np.asarray(value, dtype=np.float32)
+    except ValueError:
+        raise InvalidInput(f"instances[{index}] is ragged: nested lists must be regular") from None
 
 
 def _finite_float(value: int | float) -> bool:
@@ -103,8 +119,11 @@ def parse_json_body(body: bytes) -> list[Instance]:
         raise InvalidInput(f"unexpected JSON key(s): {', '.join(sorted(extra))}")
     instances = []
     for i, inst in enumerate(doc["instances"]):
+        if isinstance(inst, list):  # a tensor-in model's input
+            instances.append(Instance(tensor=_json_tensor(inst, i)))
+            continue
         if not isinstance(inst, dict):
-            raise InvalidInput(f"instances[{i}] must be an object")
+            raise InvalidInput(f"instances[{i}] must be an object (an image) or a list of numbers (a tensor)")
         unknown = set(inst) - {"image", "scalar"}
         if unknown:
             raise InvalidInput(f"instances[{i}] has unexpected key(s): {', '.join(sorted(unknown))}")

@@ -19,7 +19,7 @@ from torch import nn
 
 from app.errors import UnknownArchitecture
 
-Task = Literal["segmentation", "classification"]
+Task = Literal["segmentation", "classification", "tensor"]
 Builder = Callable[..., nn.Module]
 B = TypeVar("B", bound=Builder)
 
@@ -148,4 +148,4 @@ def get_net(name: str, /, **kwargs: Any) -> nn.Module:
 __all__ = ["NetSpec", "Task", "builder_params", "get_net", "list_nets", "net_spec", "register_net"]
 
 # Importing the builder modules registers them; they import register_net from above.
-from app.nets import layers, resnets, torchvision_nets, unet  # noqa: E402,F401
+from app.nets import layers, resnets, tensor_stack, torchvision_nets, unet  # noqa: E402,F401

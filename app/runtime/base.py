@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from app import nets
-from app.errors import ConfigError, InvalidModelOutput, PayloadTooLarge
+from app.errors import ConfigError, InvalidInput, InvalidModelOutput, PayloadTooLarge
 from app.runtime.budget import activation_bytes_per_pixel, default_pixel_limit
 from app.errors import DeviceFault, OutOfDeviceMemory
 from app.runtime.faults import is_device_fault, is_out_of_memory
@@ -122,6 +122,16 @@ class ModelRuntime:
     def describe(self) -> dict[str, Any]:
         """Family facts for model listings (labels, mask colours, ...)."""
         return {"labels": self.labels}
+
+    def tensor_input(self, array: np.ndarray) -> torch.Tensor:
+        """An instance given as a plain tensor (not an image); image models refuse it."""
+        raise InvalidInput(
+            f"model {self.name} takes images: send an image file or base64 image, not a list of numbers"
+        )
+
+    def v2_alternatives(self) -> list[TensorSpec]:
+        """Inputs a v2 request may send instead of the model's own: encoded image files."""
+        return [TensorSpec("image_bytes", "BYTES", (-1,))]
 
     def make_item(
         self, image: torch.Tensor, *, size: tuple[int, int] | None, scalar: torch.Tensor | None,
@@ -261,12 +271,13 @@ class ModelRuntime:
                 f"{self.name} processes at most {self.max_processed_pixels} pixels per image: send a smaller image"
             )
 
-    def needs_own_batch(self, height: int, width: int) -> bool:
+    def needs_own_batch(self, image: torch.Tensor) -> bool:
         """Whether an item of this processed size must run alone: a full batch of such items would
         process more than the per-image limit allows, so memory would grow with the batch size."""
         if self.max_processed_pixels is None:
             return False
-        return height * width * self.config.runtime.max_batch_size > self.max_processed_pixels
+        height, width = image.shape[-2:]
+        return int(height) * int(width) * self.config.runtime.max_batch_size > self.max_processed_pixels
 
     def dummy_item(self) -> InferenceItem:
         h, w = self.preprocess.warmup_size()

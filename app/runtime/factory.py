@@ -16,9 +16,10 @@ from app.nets import net_spec
 from app.runtime.base import ModelRuntime
 from app.runtime.classifier import ClassifierRuntime
 from app.runtime.segmenter import SegmenterRuntime
+from app.runtime.tensor import TensorRuntime
 from app.store import ModelEntry, ModelStore
 
-RUNTIMES: dict[str, type[ModelRuntime]] = {cls.task: cls for cls in (ClassifierRuntime, SegmenterRuntime)}
+RUNTIMES: dict[str, type[ModelRuntime]] = {cls.task: cls for cls in (ClassifierRuntime, SegmenterRuntime, TensorRuntime)}
 """One runtime class per model family, keyed by the family the net registry names (a new family
 is one more module and one more entry here)."""
 

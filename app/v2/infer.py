@@ -161,6 +161,16 @@ def _scalar_items(runtime: ModelRuntime, tensor: Tensor, batch: int) -> list[Any
     return [[float(v) for v in row] for row in tensor.array.reshape(batch, n)]
 
 
+def _tensor_instances(runtime: ModelRuntime, tensor: Tensor | None, spec: Any) -> list[Instance]:
+    if tensor is None:
+        raise BadRequest(f"missing input {spec.name!r} of shape {list(spec.shape)}")
+    ok = len(tensor.shape) == len(spec.shape) and tensor.shape[0] > 0 and all(
+        w in (-1, s) for w, s in zip(spec.shape, tensor.shape, strict=True))
+    _check(tensor, "FP32", ok, str(list(spec.shape)))
+    _finite(tensor)
+    return [Instance(tensor=row) for row in tensor.array]
+
+
 def to_instances(runtime: ModelRuntime, tensors: list[Tensor]) -> list[Instance]:
     by_name = {t.name: t for t in tensors}
     known = [s.name for s in input_specs(runtime)]
@@ -170,6 +180,9 @@ def to_instances(runtime: ModelRuntime, tensors: list[Tensor]) -> list[Instance]
             f"unknown input(s) {', '.join(unknown)} for model {runtime.name};"
             f" its inputs are {', '.join(known)}"
         )
+    first = runtime.input_specs()[0]
+    if first.name != "image":  # a tensor-in model: its one input, batch first
+        return _tensor_instances(runtime, by_name.get(first.name), first)
     image, files, scalar = by_name.get("image"), by_name.get("image_bytes"), by_name.get("scalar")
     if image is not None and files is not None:
         raise BadRequest("send either 'image' or 'image_bytes', not both")

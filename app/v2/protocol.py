@@ -18,7 +18,6 @@ SERVER_NAME = "modserve"
 # Only what is implemented end to end (load/unload of ``model_repository`` need the admin token).
 EXTENSIONS = ("binary_tensor_data", "model_configuration", "model_repository")
 PLATFORM = "pytorch_eager"
-IMAGE_BYTES = TensorSpec("image_bytes", "BYTES", (-1,))
 
 _TRITON_TYPES = {"BYTES": "TYPE_STRING"}
 
@@ -37,9 +36,10 @@ def resolve_version(version: str | None) -> str | None:
 
 
 def input_specs(runtime: ModelRuntime) -> list[TensorSpec]:
-    """The model's own inputs plus ``image_bytes``, the encoded-image alternative to ``image``."""
+    """The model's own inputs plus its alternatives (``image_bytes``, the encoded-image alternative to
+    ``image``, for image models)."""
     specs = runtime.input_specs()
-    return [specs[0], IMAGE_BYTES, *specs[1:]]
+    return [specs[0], *runtime.v2_alternatives(), *specs[1:]]
 
 
 def model_ready(name: str) -> dict[str, Any]:

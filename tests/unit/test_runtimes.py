@@ -30,7 +30,9 @@ def _runtime(name: str, **changes: Any) -> Any:
 
 
 def test_families_are_looked_up_by_the_net_registry_task() -> None:
-    assert RUNTIMES == {"classification": ClassifierRuntime, "segmentation": SegmenterRuntime}
+    from app.runtime.tensor import TensorRuntime
+
+    assert RUNTIMES == {"classification": ClassifierRuntime, "segmentation": SegmenterRuntime, "tensor": TensorRuntime}
 
 
 def test_classifier_specs_come_from_the_net_spec() -> None:
@@ -104,7 +106,7 @@ def test_processed_pixel_limit_is_derived_and_enforced() -> None:
     rt.check_image_size(20, 20)  # scale 0.5: 10x10 = 100 pixels
     with pytest.raises(PayloadTooLarge, match="at most 100 pixels"):
         rt.check_image_size(22, 22)
-    assert rt.needs_own_batch(10, 10) and not rt.needs_own_batch(2, 2)
+    assert rt.needs_own_batch(torch.zeros(3, 10, 10)) and not rt.needs_own_batch(torch.zeros(3, 2, 2))
     classifier = _runtime("resnet50_head")
     classifier.set_pixel_limit(ceiling=10**12)
     assert classifier.max_processed_pixels is None  # a fixed input size costs the same for any image

@@ -229,7 +229,7 @@ def test_the_docs_examples_parse_and_build() -> None:
 
     text = (Path(__file__).resolve().parents[2] / "docs" / "model-store.md").read_text()
     blocks = [b for b in re.findall(r"```toml\n(.*?)```", text, re.S)
-              if re.search(r'architecture = "(torchvision|torchvision_segmentation|layer_stack)"', b)]
+              if re.search(r'architecture = "(torchvision|torchvision_segmentation|layer_stack|tensor_stack)"', b)]
     assert len(blocks) >= 4
     for block in blocks:
         cfg = parse_model_config(tomllib.loads(block), source="docs")
