@@ -168,9 +168,9 @@ class InferenceService:
     @staticmethod
     def _scalar(runtime: ModelRuntime, values: Sequence[float] | None) -> torch.Tensor | None:
         if not runtime.takes_extra:
-            if values is not None:
+            if values is not None and "scalar" not in runtime.spec.ignored_inputs:
                 raise InvalidInput(f"model {runtime.name} takes no scalar input")
-            return None
+            return None  # accepted where the user's class takes one it ignores (resnet50_dual)
         if values is None:
             raise InvalidInput(
                 f"missing scalar: model {runtime.name} needs {runtime.n_extra} extra input value(s)"

@@ -129,7 +129,7 @@ class CheckpointFacts:
         if self.suspicious_globals:
             lines.append("SUSPICIOUS:  " + ", ".join(self.suspicious_globals))
         lines.append("fits:        " + ("; ".join(map(str, self.fits)) or "no registered architecture"))
-        lines.extend(f"note:        {n}" for n in self.notes)
+        lines.extend(f"note:        {n}" for n in [*self.notes, *_twin_notes(self.fits)])
         if self.fits:
             more = f" (first of {len(self.fits)} fits)" if len(self.fits) > 1 else ""
             lines.append(f"model.toml{more}:")
@@ -176,6 +176,21 @@ def inspect_checkpoint(path: Path) -> CheckpointFacts:
     if split.tensors:
         facts.fits = fit_architectures(split.tensors)
     return facts
+
+
+_TWINS = {
+    frozenset({"resnet50_extra", "resnet50_extra_dual"}): (
+        "resnet50_extra and resnet50_extra_dual have the same layers and keys; the notes' ResNetExtra, whose"
+        " forward(x, add_variable) returns the class probabilities only, is resnet50_extra (the first fit)."
+        " Choose resnet50_extra_dual to also answer the backbone's 1000 features."
+    ),
+}
+
+
+def _twin_notes(fits: list[Any]) -> list[str]:
+    """Say which of two architectures with identical keys matches the notes' class, and why."""
+    names = {getattr(f, "arch", None) for f in fits}
+    return [text for pair, text in _TWINS.items() if pair <= names]
 
 
 def _inspect_safetensors(fh: BinaryIO, path: Path, size: int) -> CheckpointFacts:

@@ -46,6 +46,9 @@ class NetSpec:
     builder argument that sets it (``"num_classes"``)."""
     classes: str = "num_classes"
     """The builder argument that holds the number of classes."""
+    ignored_inputs: tuple[str, ...] = ()
+    """Inputs a request may send because the user's class takes them, but that the net does not use
+    (the notes' dual-output class has ``forward(x, add_variable)`` and ignores ``add_variable``)."""
 
     def head_shape(self, head: str, arguments: dict[str, Any]) -> tuple[int, ...]:
         """The shape of ``head`` (batch dimension first, as -1) for a net built with ``arguments``."""
@@ -81,6 +84,7 @@ def _return_class(name: str, builder: Builder) -> type[nn.Module]:
 def register_net(
     name: str, *, task: Task, heads: tuple[str, ...], takes_extra: bool = False,
     head_shapes: tuple[tuple[int | str, ...], ...] | None = None, classes: str = "num_classes",
+    ignored_inputs: tuple[str, ...] = (),
 ) -> Callable[[B], B]:
     """Register a keyword-only builder under ``name``; a name can be registered once only."""
     if task not in _TASKS:
@@ -104,6 +108,7 @@ def register_net(
             defaults=_keyword_defaults(name, builder),
             head_shapes=shapes,
             classes=classes,
+            ignored_inputs=tuple(ignored_inputs),
         )
         return builder
 

@@ -129,7 +129,7 @@ def resnet50_extra(*, num_classes: int = 10, n_extra: int = 1, backbone: str = "
 
 @register_net(
     "resnet50_dual", task="classification", heads=("probs", "features"),
-    head_shapes=(("num_classes",), (IMAGENET_CLASSES,)),
+    head_shapes=(("num_classes",), (IMAGENET_CLASSES,)), ignored_inputs=("scalar",),
 )
 def resnet50_dual(*, num_classes: int = 10, backbone: str = "resnet50") -> ResNetDual:
     """Image in, (probabilities, 1000-dim features) out."""

@@ -121,7 +121,13 @@ class ModelRuntime:
 
     def describe(self) -> dict[str, Any]:
         """Family facts for model listings (labels, mask colours, ...)."""
-        return {"labels": self.labels}
+        facts: dict[str, Any] = {"labels": self.labels}
+        if self.spec.ignored_inputs:
+            facts["ignored_inputs"] = list(self.spec.ignored_inputs)
+        return facts
+
+    def input_hint(self) -> str:
+        return "send either 'image' (pre-processed FP32) or 'image_bytes' (PNG/JPEG/WebP files)"
 
     def tensor_input(self, array: np.ndarray) -> torch.Tensor:
         """An instance given as a plain tensor (not an image); image models refuse it."""
@@ -130,8 +136,10 @@ class ModelRuntime:
         )
 
     def v2_alternatives(self) -> list[TensorSpec]:
-        """Inputs a v2 request may send instead of the model's own: encoded image files."""
-        return [TensorSpec("image_bytes", "BYTES", (-1,))]
+        """Inputs a v2 request may send besides the model's own: encoded image files instead of
+        ``image``, and inputs the user's class takes but the net ignores (accepted, not used)."""
+        ignored = [TensorSpec(name, "FP32", (-1,)) for name in self.spec.ignored_inputs]
+        return [TensorSpec("image_bytes", "BYTES", (-1,)), *ignored]
 
     def make_item(
         self, image: torch.Tensor, *, size: tuple[int, int] | None, scalar: torch.Tensor | None,

@@ -38,6 +38,9 @@ class TensorRuntime(ModelRuntime):
     def v2_alternatives(self) -> list[TensorSpec]:
         return []
 
+    def input_hint(self) -> str:
+        return f"send 'input' (FP32, {list(self.input_shape)} per item)"
+
     def output_specs(self) -> list[TensorSpec]:
         return [TensorSpec(self.head_names[0], "FP32", self.spec.head_shape(self.spec.heads[0], self.arguments))]
 

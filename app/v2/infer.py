@@ -198,9 +198,11 @@ def to_instances(runtime: ModelRuntime, tensors: list[Tensor]) -> list[Instance]
         instances = [Instance(image_bytes=b) for b in _bytes_items(files)]  # type: ignore[arg-type]
     if not instances:
         raise BadRequest("the batch is empty: send at least one image")
-    if scalar is not None:
+    if scalar is not None and runtime.takes_extra:
         for inst, values in zip(instances, _scalar_items(runtime, scalar, len(instances)), strict=True):
             inst.scalar = values
+    elif scalar is not None:  # an input the user's class takes and ignores: checked, not used
+        _check(scalar, "FP32", len(scalar.shape) in (1, 2) and scalar.shape[0] == len(instances), f"[{len(instances)}]")
     return instances
 
 

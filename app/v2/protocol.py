@@ -53,8 +53,10 @@ def model_metadata(runtime: ModelRuntime) -> dict[str, Any]:
         "device": str(runtime.device),
         "sha256": runtime.sha256,
         "labels": json.dumps(runtime.labels),
-        "inputs": "send either 'image' (pre-processed FP32) or 'image_bytes' (PNG/JPEG/WebP files)",
+        "inputs": runtime.input_hint(),
     }
+    if runtime.spec.ignored_inputs:
+        properties["ignored_inputs"] = ", ".join(runtime.spec.ignored_inputs) + " (accepted for the model class's signature, not used)"
     return {
         "name": runtime.name,
         "versions": [runtime.version],

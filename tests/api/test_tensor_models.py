@@ -117,3 +117,29 @@ def test_an_image_model_refuses_a_tensor_instance(tmp_path: Path) -> None:
     with TestClient(create_app(Settings(store=root, warmup=False))) as client:
         r = client.post("/v1/models/resnet50_head/predict", json={"instances": [[0.0, 1.0]]})
         assert r.status_code == 422 and "takes images" in r.json()["error"]
+
+
+def test_the_dual_output_class_accepts_and_ignores_its_second_argument(tmp_path: Path) -> None:
+    """The notes' dual-output class has forward(x, add_variable) and ignores add_variable: its users
+    send the scalar, and get the same answer as without it."""
+    import base64
+
+    from support.models import image_bytes, write_small_store
+
+    root = write_small_store(tmp_path, ["resnet50_dual", "resnet50_head"])
+    png = image_bytes()
+    with TestClient(create_app(Settings(store=root, warmup=False))) as client:
+        with_scalar = client.post("/v1/models/resnet50_dual/predict", files={"image": ("a.png", png)}, data={"scalar": "0.7"})
+        without = client.post("/v1/models/resnet50_dual/predict", files={"image": ("a.png", png)})
+        assert with_scalar.status_code == 200 and with_scalar.json() == without.json()
+        assert client.get("/v1/models/resnet50_dual").json()["ignored_inputs"] == ["scalar"]
+        meta = client.get("/v2/models/resnet50_dual").json()
+        assert "scalar" in [i["name"] for i in meta["inputs"]] and "not used" in meta["properties"]["ignored_inputs"]
+        b64 = base64.b64encode(png).decode()
+        v2 = {"inputs": [{"name": "image_bytes", "datatype": "BYTES", "shape": [1], "data": [b64],
+                          "parameters": {"content_type": "base64"}},
+                         {"name": "scalar", "datatype": "FP32", "shape": [1], "data": [0.7]}]}
+        assert client.post("/v2/models/resnet50_dual/infer", json=v2).status_code == 200
+        # a model whose class takes no second argument still refuses one
+        r = client.post("/v1/models/resnet50_head/predict", files={"image": ("a.png", png)}, data={"scalar": "0.7"})
+        assert r.status_code == 422 and "takes no scalar" in r.json()["error"]
