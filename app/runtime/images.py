@@ -130,7 +130,8 @@ def _decode_jpeg_on_gpu(data: bytes, color_mode: str, device: torch.device) -> t
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """Encode a ``(H, W)`` or ``(H, W, 3)`` uint8 array as PNG."""
+    """Encode a ``(H, W)`` or ``(H, W, 3)`` uint8 array as PNG; a ``(H, W)`` bool array as a
+    1-bit (mode "1") PNG."""
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()

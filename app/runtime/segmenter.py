@@ -2,7 +2,8 @@
 
 Answers per item: ``mask`` (uint8 class indices at the input image's size) and ``logits``;
 natively a PNG of the mask painted with ``mask_values`` (as JSON with base64 and class
-fractions, or as ``image/png`` when the client accepts it).
+fractions, or as ``image/png`` when the client accepts it); ``mask_values`` [0, 1] give a
+1-bit PNG, as the reference predict script writes it.
 """
 
 from __future__ import annotations
@@ -93,6 +94,10 @@ class SegmenterRuntime(ModelRuntime):
         return np.asarray(self.mask_values, dtype=np.uint8)[mask]
 
     def mask_png(self, mask: np.ndarray) -> bytes:
+        """The mask PNG as the reference's ``mask_to_image`` writes it: with ``mask_values`` [0, 1]
+        a 1-bit (black and white, mode "1") PNG; otherwise grey levels or RGB as painted."""
+        if self.mask_values == [0, 1]:
+            return encode_png(self.mask_image(mask).astype(bool))
         return encode_png(self.mask_image(mask))
 
     def format_native(self, result: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -75,7 +75,8 @@ class PreprocessConfig(BaseModel):
     """Fixed (height, width); classifiers default to 224 x 224."""
     scale: float | None = Field(None, gt=0, le=4)
     """Scale factor applied to each image (the U-Net reference's ``--scale``)."""
-    resample: Literal["nearest", "bilinear", "bicubic"] = "bilinear"
+    resample: Literal["nearest", "bilinear", "bicubic"] | None = None
+    """Unset: with ``scale``, the U-Net reference's own resize (PIL bicubic, see Preprocessor); else bilinear."""
     color_mode: Literal["RGB", "L"] = "RGB"
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)

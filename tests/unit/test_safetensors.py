@@ -29,6 +29,8 @@ SMALL: dict[str, dict[str, Any]] = {
     "torchvision_segmentation": {"name": "lraspp_mobilenet_v3_large", "num_classes": 2},
     "layer_stack": {"layers": [{"type": "Flatten"}, {"type": "Linear", "in_features": 3 * 16 * 16, "out_features": 4}],
                     "num_classes": 4},
+    "tensor_stack": {"layers": [{"type": "Flatten"}, {"type": "Linear", "in_features": 3 * 16 * 16, "out_features": 4}],
+                     "input_shape": [3, 16, 16], "num_outputs": 4},
 }
 
 
