@@ -14,121 +14,33 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import Any
 
 from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
 from app.errors import ConfigError, Conflict, ModelLoadFailed, ModelNotFound, ModelNotReady, ServiceError
-from app.runtime.factory import build_runtime, release
+from app.model_state import (
+    LOADING,
+    READY,
+    UNAVAILABLE,
+    UNLOADED,
+    Listener,
+    LiveModel,
+    ModelEvent,
+    ModelState,
+    ModelStatus,
+    ModelView,
+    view_of,
+)
 from app.runtime.base import ModelRuntime
+from app.runtime.factory import build_runtime, release
 from app.store import ModelStore
 
 log = logging.getLogger("modserve.registry")
 
-
-
-class ModelState(str, Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"
-    UNLOADED = "UNLOADED"
-
-    def __str__(self) -> str:
-        return self.value
-
-
-READY, UNAVAILABLE, LOADING, UNLOADED = (
-    ModelState.READY, ModelState.UNAVAILABLE, ModelState.LOADING, ModelState.UNLOADED,
-)
-
-
-@dataclass(frozen=True)
-class ModelEvent:
-    """What happened to a model: ``loaded``, ``swapped``, ``fallback``, ``failed``, ``unloaded`` or
-    ``batch`` (one forward of ``size`` items)."""
-
-    kind: str
-    model: str
-    version: str | None
-    seconds: float | None = None
-    error: str | None = None
-    size: int | None = None
-
-
-Listener = Callable[[ModelEvent], None]
-
-
-@dataclass
-class LiveModel:
-    runtime: ModelRuntime
-    batcher: DynamicBatcher
-    inflight: int = 0
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
-
-    def __post_init__(self) -> None:
-        self.idle.set()
-
-
-@dataclass
-class ModelStatus:
-    name: str
-    state: ModelState = ModelState.LOADING
-    version: str | None = None
-    reason: str | None = None
-    """Why the model is not ready."""
-    last_error: str | None = None
-    """The last failed (re)load, also while an older model keeps serving."""
-    live: LiveModel | None = None
-    loaded_at: float | None = None
-    warnings: list[str] = field(default_factory=list)
-    """Version folders that discovery skipped, and why."""
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """A read-only snapshot of one model for listings, probes and metrics."""
-
-    name: str
-    state: ModelState
-    version: str | None
-    reason: str | None
-    last_error: str | None
-    warnings: tuple[str, ...]
-    runtime: ModelRuntime | None
-    """The runtime serving now, to read its specs from (None when nothing serves)."""
-    queue_depth: int = 0
-    batching: dict[str, Any] | None = None
-
-    @property
-    def ready(self) -> bool:
-        return self.runtime is not None
-
-
-def _view(status: ModelStatus) -> ModelView:
-    live = status.live
-    batching = None
-    if live is not None:
-        stats, policy = live.batcher.stats, live.batcher.policy
-        batching = {
-            "max_batch_size": policy.max_batch_size,
-            "max_batch_delay_ms": policy.max_batch_delay_ms,
-            "max_queue_size": policy.max_queue_size,
-            "queue_depth": live.batcher.queue_depth,
-            "batches_run": stats.batches_run,
-            "items_run": stats.items_run,
-            "batch_sizes": {str(k): v for k, v in sorted(stats.batch_sizes.items())},
-            "rejected_full": stats.rejected_full,
-            "expired": stats.expired,
-        }
-    return ModelView(
-        name=status.name, state=status.state, version=status.version, reason=status.reason,
-        last_error=status.last_error, warnings=tuple(status.warnings),
-        runtime=live.runtime if live is not None else None,
-        queue_depth=live.batcher.queue_depth if live is not None else 0, batching=batching,
-    )
-
+__all__ = [
+    "LOADING", "READY", "UNAVAILABLE", "UNLOADED", "LiveModel", "ModelEvent", "ModelRegistry", "ModelState",
+    "ModelStatus", "ModelView",
+]
 
 Builder = Callable[[ModelStore, object, str, Settings], ModelRuntime]
 
@@ -158,10 +70,10 @@ class ModelRegistry:
 
     def views(self) -> list[ModelView]:
         """Snapshots of every model, by name."""
-        return [_view(self._status[n]) for n in sorted(self._status)]
+        return [view_of(self._status[n]) for n in sorted(self._status)]
 
     def view(self, name: str) -> ModelView:
-        return _view(self.status(name))
+        return view_of(self.status(name))
 
     def status(self, name: str) -> ModelStatus:
         try:

@@ -180,13 +180,14 @@ class InferenceService:
                 f"model {runtime.name} needs {runtime.n_extra} scalar value(s), got {len(values)}"
             )
         for v in values:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not finite_number(v):
                 raise InvalidInput(f"scalar must be a finite number, got {v!r:.40}")
         return torch.tensor([float(v) for v in values], dtype=torch.float32)
 
 
-def _finite(value: int | float) -> bool:
+def finite_number(value: int | float) -> bool:
+    """Finite, and within float range (an integer past 1e308 cannot become a float)."""
     try:
         return math.isfinite(float(value))
-    except OverflowError:  # an integer past 1e308
+    except OverflowError:
         return False

@@ -13,7 +13,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 
 from app.errors import InvalidInput, UnsupportedMediaType
-from app.service import Instance
+from app.service import Instance, finite_number
 
 _FORM_FIELDS = {"image", "scalar"}
 
@@ -46,7 +46,7 @@ def _json_scalar(value: Any, index: int) -> list[float] | None:
     for v in items:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise InvalidInput(f"instances[{index}].scalar must be a number or a list of numbers, got {v!r:.40}")
-        if not _finite_float(v):
+        if not finite_number(v):
             raise InvalidInput(f"instances[{index}].scalar must be a finite number within float range")
     return [float(v) for v in items]
 
@@ -56,7 +56,7 @@ def _json_tensor(value: list[Any], index: int) -> np.ndarray:
     def numbers(v: Any, depth: int) -> bool:
         if isinstance(v, list):
             return depth < 4 and all(numbers(x, depth + 1) for x in v)
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and _finite_float(v)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and finite_number(v)
 
     if not numbers(value, 0):
         raise InvalidInput(f"instances[{index}] must be finite numbers, nested at most 4 deep")
@@ -65,12 +65,6 @@ def _json_tensor(value: list[Any], index: int) -> np.ndarray:
     except ValueError:
         raise InvalidInput(f"instances[{index}] is ragged: nested lists must be regular") from None
 
-
-def _finite_float(value: int | float) -> bool:
-    try:
-        return math.isfinite(float(value))  # an integer past 1e308 cannot become a float
-    except OverflowError:
-        return False
 
 
 async def parse_multipart(request: Request) -> list[Instance]:
