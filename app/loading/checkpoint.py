@@ -46,7 +46,9 @@ from app.loading.files import (
     where,
 )
 from app.loading.statedict import Kind, compare_shapes, describe_mismatch, small_json, split_checkpoint
+from app.loading.exported import read_exported
 from app.nets import get_net, net_spec
+from app.nets.exported import ExportedNet
 from app.runtime.budget import device_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ class LoadedCheckpoint:
     model: nn.Module
     metadata: dict[str, Any]
     sha256: str
-    kind: Kind
+    kind: Kind | Literal["exported"]
     dataparallel: bool
 
 
@@ -253,6 +255,14 @@ def load_checkpoint(
     with open(path, "rb") as fh:
         digest = _check_digest(fh, path, spec.sha256)
         container = sniff_container(fh)
+        if (container == "exported") != (root_class is ExportedNet):
+            raise _exported_mismatch(path, arch, container)
+        if container == "exported":
+            if spec.format == "state_dict":
+                raise CheckpointFormatMismatch(f'{path} is a torch.export program, not a state_dict; set format = "auto"')
+            model = read_exported(fh, torch.device(device))
+            _check_exported_signature(model, arch, arch_kwargs, path)
+            return LoadedCheckpoint(model, {}, digest, "exported", False)
         if container == "safetensors":
             if spec.format == "whole_model":
                 raise CheckpointFormatMismatch(
@@ -289,6 +299,36 @@ def load_checkpoint(
     _copy_weights(fresh, split.tensors, arch, arch_kwargs, path)
     model = fresh.to(torch.device(device)).eval()
     return LoadedCheckpoint(model, split.metadata, digest, split.kind, split.dataparallel)
+
+
+def _exported_mismatch(path: Path, arch: str, container: str) -> CheckpointFormatMismatch:
+    if container == "exported":
+        return CheckpointFormatMismatch(
+            f"{path} is a program written by torch.export.save, which '{arch}' does not load; set architecture to"
+            " exported_classifier, exported_segmenter or exported_tensor and declare its inputs and outputs"
+        )
+    return CheckpointFormatMismatch(
+        f"'{arch}' serves a program written by torch.export.save (a .pt2 archive), but {path} is not one"
+    )
+
+
+def _check_exported_signature(model: ExportedNet, arch: str, arch_kwargs: Mapping[str, Any], path: Path) -> None:
+    """The program's inputs and outputs must be the ones model.toml declares."""
+    try:
+        spec = net_spec(arch).for_arguments(dict(arch_kwargs))
+    except ValueError as exc:
+        raise ConfigError(f"architecture '{arch}': {exc}") from None
+    inputs = 2 if spec.takes_extra else 1
+    if model.n_inputs != inputs:
+        raise CheckpointFormatMismatch(
+            f"{path}: the program takes {model.n_inputs} inputs but model.toml declares {inputs}"
+            " (for a classifier, n_extra > 0 declares a second input of that many scalars)"
+        )
+    if model.n_outputs != len(spec.heads):
+        raise CheckpointFormatMismatch(
+            f"{path}: the program returns {model.n_outputs} outputs but model.toml declares {len(spec.heads)}"
+            f" ({', '.join(spec.heads)}; for a classifier, outputs lists their names)"
+        )
 
 
 def _small(header: dict[str, Any]) -> dict[str, Any]:

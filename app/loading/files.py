@@ -27,7 +27,7 @@ from app.errors import (
     UnsafeCheckpoint,
 )
 
-Container = Literal["zip", "legacy", "safetensors"]
+Container = Literal["zip", "legacy", "safetensors", "exported"]
 
 # torch.serialization.safe_globals mutates one process-wide set: hold this lock around
 # every scan/load that depends on it so concurrent loads cannot see each other's allowlist.
@@ -97,6 +97,8 @@ def sniff_container(fh: BinaryIO) -> Container:
                 f"{path} is a TorchScript archive (torch.jit.save), which is not served; "
                 "save the model or its state_dict with torch.save"
             )
+        if any(n.split("/", 1)[-1] == "models/model.json" for n in names):
+            return "exported"  # torch.export.save's archive: read by app/loading/exported.py, never unpickled
         if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
             raise CheckpointCorrupt(
                 f"{path}: not a torch checkpoint (a zip archive without data.pkl); "

@@ -49,6 +49,12 @@ class NetSpec:
     ignored_inputs: tuple[str, ...] = ()
     """Inputs a request may send because the user's class takes them, but that the net does not use
     (the notes' dual-output class has ``forward(x, add_variable)`` and ignores ``add_variable``)."""
+    resolve: Callable[[NetSpec, dict[str, Any]], NetSpec] | None = None
+    """For nets whose heads or inputs come from model.toml (exported programs): the spec for given arguments."""
+
+    def for_arguments(self, arguments: dict[str, Any]) -> NetSpec:
+        """This spec as a net built with ``arguments`` answers (heads, inputs)."""
+        return self.resolve(self, arguments) if self.resolve is not None else self
 
     def head_shape(self, head: str, arguments: dict[str, Any]) -> tuple[int, ...]:
         """The shape of ``head`` (batch dimension first, as -1) for a net built with ``arguments``."""
@@ -84,7 +90,7 @@ def _return_class(name: str, builder: Builder) -> type[nn.Module]:
 def register_net(
     name: str, *, task: Task, heads: tuple[str, ...], takes_extra: bool = False,
     head_shapes: tuple[tuple[int | str, ...], ...] | None = None, classes: str = "num_classes",
-    ignored_inputs: tuple[str, ...] = (),
+    ignored_inputs: tuple[str, ...] = (), resolve: Callable[[NetSpec, dict[str, Any]], NetSpec] | None = None,
 ) -> Callable[[B], B]:
     """Register a keyword-only builder under ``name``; a name can be registered once only."""
     if task not in _TASKS:
@@ -109,6 +115,7 @@ def register_net(
             head_shapes=shapes,
             classes=classes,
             ignored_inputs=tuple(ignored_inputs),
+            resolve=resolve,
         )
         return builder
 
@@ -153,4 +160,4 @@ def get_net(name: str, /, **kwargs: Any) -> nn.Module:
 __all__ = ["NetSpec", "Task", "builder_params", "get_net", "list_nets", "net_spec", "register_net"]
 
 # Importing the builder modules registers them; they import register_net from above.
-from app.nets import layers, resnets, tensor_stack, torchvision_nets, unet  # noqa: E402,F401
+from app.nets import exported, layers, resnets, tensor_stack, torchvision_nets, unet  # noqa: E402,F401

@@ -80,7 +80,10 @@ class ModelRuntime:
         metadata: dict[str, Any] | None = None,
     ) -> None:
         self.name, self.version, self.config = name, version, config
-        self.spec = nets.net_spec(config.architecture)
+        try:
+            self.spec = nets.net_spec(config.architecture).for_arguments(config.arguments)
+        except ValueError as exc:
+            raise ConfigError(f"model {name}: {exc}") from None
         self.arguments = {**self.spec.defaults, **config.arguments}
         self.device, self.sha256, self.metadata = device, sha256, dict(metadata or {})
         self.dtype, self.dtype_name = _DTYPES[config.runtime.dtype], config.runtime.dtype

@@ -20,7 +20,7 @@ log = logging.getLogger("modserve.store")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 VERSION_RE = re.compile(r"^(0|[1-9][0-9]{0,8})$")
 """Canonical digits only: ``1``, never ``01`` (two spellings of one version would be two folders)."""
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".pkl", ".bin", ".ckpt", ".safetensors", ".pt2")
 STAGING = ".staging"
 """Uploads are written and validated here; discovery never reads it (names start with a letter or digit)."""
 
