@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     allow_trusted_checkpoints: bool = False
     """Let models whose model.toml (written by the operator on disk) says ``trusted = true`` be fully
     unpickled. Off by default; the admin API can never set ``trusted``."""
+    allow_model_code: bool = False
+    """Import a ``model.py`` that the operator put beside a model's model.toml (architectures
+    ``python_classifier``/``python_segmenter``/``python_tensor``). Off by default: that file is
+    Python and runs with the server's rights. The admin API never uploads one."""
     strict_readiness: bool = False
     """Readiness rule. Strict: every model in the store that should serve is serving. Not strict
     (default): at least one model serves and none is still loading for the first time."""
