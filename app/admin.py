@@ -29,6 +29,7 @@ import torch
 from app.errors import Conflict, InvalidInput, ServiceError
 from app.loading import CheckpointSpec, file_sha256, load_checkpoint
 from app.nets import net_spec
+from app.nets.declared import ExportedNet, PythonNet
 from app.runtime.factory import RUNTIMES
 from app.registry import ModelRegistry, ModelStatus
 from app.store import ModelStore
@@ -120,6 +121,7 @@ class AdminService:
                 await asyncio.to_thread(self._check_versions_still_load, config, name, version)
         elif current is not None:
             config = current
+            _refuse_model_code(config, name)
         else:
             raise InvalidInput(f"model {name!r} does not exist yet: send its model.toml in the same request")
         target = folder / version
@@ -207,7 +209,18 @@ def _uploaded_config(data: bytes, name: str, current: ModelConfig | None) -> Mod
                 f'{what} format = "whole_model" is refused through the admin API: uploads are state_dict '
                 'checkpoints (use format = "state_dict" or "auto")'
             )
-    return parse_model_config(raw, source=f"{name}/model.toml (uploaded)")
+    config = parse_model_config(raw, source=f"{name}/model.toml (uploaded)")
+    _refuse_model_code(config, name)
+    return config
+
+
+def _refuse_model_code(config: ModelConfig, name: str) -> None:
+    """Models whose classes come from a model.py are the operator's, on disk: never changed by upload."""
+    if net_spec(config.architecture).root_class is PythonNet:
+        raise InvalidInput(
+            f"model {name!r}: architecture {config.architecture} imports a model.py, which is Python code; such models"
+            " are installed and changed by the operator on disk, never through the admin API"
+        )
 
 
 async def _receive(chunks: AsyncIterator[bytes], target: Path) -> str:
@@ -247,6 +260,9 @@ def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
     """The staged file must be a plain state_dict that loads strictly into the configured net."""
     if path.stat().st_size == 0:
         raise InvalidInput("uploaded checkpoint is empty")
+    if net_spec(config.architecture).root_class is ExportedNet:  # a .pt2 program: checked record by record, no pickle
+        _check_loads_here(config, path, version, "auto")
+        return
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means we refuse the file
@@ -258,8 +274,12 @@ def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
     if not isinstance(obj, dict) or not any(isinstance(v, (torch.Tensor, dict)) for v in obj.values()):
         raise InvalidInput("uploaded checkpoint holds no state_dict (a dict of tensors)")
     del obj
+    _check_loads_here(config, path, version, "state_dict")
+
+
+def _check_loads_here(config: ModelConfig, path: Path, version: str, fmt: str) -> None:
     try:
-        check_loads(config, path, version, fmt="state_dict")
+        check_loads(config, path, version, fmt=fmt)
     except ServiceError as exc:  # the staging path means nothing to the client
         exc.message = exc.message.replace(str(path), "the uploaded checkpoint")
         raise

@@ -46,9 +46,8 @@ from app.loading.files import (
     where,
 )
 from app.loading.statedict import Kind, compare_shapes, describe_mismatch, small_json, split_checkpoint
-from app.loading.exported import read_exported
+from app.loading.declared import load_declared
 from app.nets import get_net, net_spec
-from app.nets.exported import ExportedNet
 from app.runtime.budget import device_memory_bytes
 
 log = logging.getLogger(__name__)
@@ -69,6 +68,8 @@ class CheckpointSpec:
     """Only then is full unpickling (weights_only=False) allowed, and only for whole_model/auto."""
     pickled_class_names: tuple[str, ...] = ()
     """Names a whole-model pickle may use for the root class, e.g. ``("__main__.Model",)``."""
+    code: Path | None = None
+    """The operator's model.py, for python_* architectures (the factory checks the server allows it)."""
 
 
 @dataclass
@@ -255,14 +256,9 @@ def load_checkpoint(
     with open(path, "rb") as fh:
         digest = _check_digest(fh, path, spec.sha256)
         container = sniff_container(fh)
-        if (container == "exported") != (root_class is ExportedNet):
-            raise _exported_mismatch(path, arch, container)
-        if container == "exported":
-            if spec.format == "state_dict":
-                raise CheckpointFormatMismatch(f'{path} is a torch.export program, not a state_dict; set format = "auto"')
-            model = read_exported(fh, torch.device(device))
-            _check_exported_signature(model, arch, arch_kwargs, path)
-            return LoadedCheckpoint(model, {}, digest, "exported", False)
+        declared = load_declared(fh, container, arch, arch_kwargs, spec, torch.device(device))
+        if declared is not None:  # the file is the model: a .pt2 program, or a pickle of model.py's classes
+            return LoadedCheckpoint(declared, {}, digest, "exported" if container == "exported" else "whole_model", False)
         if container == "safetensors":
             if spec.format == "whole_model":
                 raise CheckpointFormatMismatch(
@@ -299,36 +295,6 @@ def load_checkpoint(
     _copy_weights(fresh, split.tensors, arch, arch_kwargs, path)
     model = fresh.to(torch.device(device)).eval()
     return LoadedCheckpoint(model, split.metadata, digest, split.kind, split.dataparallel)
-
-
-def _exported_mismatch(path: Path, arch: str, container: str) -> CheckpointFormatMismatch:
-    if container == "exported":
-        return CheckpointFormatMismatch(
-            f"{path} is a program written by torch.export.save, which '{arch}' does not load; set architecture to"
-            " exported_classifier, exported_segmenter or exported_tensor and declare its inputs and outputs"
-        )
-    return CheckpointFormatMismatch(
-        f"'{arch}' serves a program written by torch.export.save (a .pt2 archive), but {path} is not one"
-    )
-
-
-def _check_exported_signature(model: ExportedNet, arch: str, arch_kwargs: Mapping[str, Any], path: Path) -> None:
-    """The program's inputs and outputs must be the ones model.toml declares."""
-    try:
-        spec = net_spec(arch).for_arguments(dict(arch_kwargs))
-    except ValueError as exc:
-        raise ConfigError(f"architecture '{arch}': {exc}") from None
-    inputs = 2 if spec.takes_extra else 1
-    if model.n_inputs != inputs:
-        raise CheckpointFormatMismatch(
-            f"{path}: the program takes {model.n_inputs} inputs but model.toml declares {inputs}"
-            " (for a classifier, n_extra > 0 declares a second input of that many scalars)"
-        )
-    if model.n_outputs != len(spec.heads):
-        raise CheckpointFormatMismatch(
-            f"{path}: the program returns {model.n_outputs} outputs but model.toml declares {len(spec.heads)}"
-            f" ({', '.join(spec.heads)}; for a classifier, outputs lists their names)"
-        )
 
 
 def _small(header: dict[str, Any]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any, BinaryIO
 import torch
 from app.errors import CheckpointCorrupt, CheckpointFormatMismatch, UnsafeCheckpoint
 from app.loading.files import where
-from app.nets.exported import ExportedNet
+from app.nets.declared import ExportedNet
 
 MODEL = "model"
 _CONFIGS = {"weights": "data/weights/model_weights_config.json", "constants": "data/constants/model_constants_config.json"}
@@ -56,7 +56,7 @@ MAX_PROGRAM_BYTES = 64 << 20
 
 
 def _refuse(path: str, why: str) -> UnsafeCheckpoint:
-    return UnsafeCheckpoint(f"{path}: refusing this torch.export archive: {why} (nothing in it was run)")
+    return UnsafeCheckpoint(f"{path}: refusing this torch.export archive: {why} (nothing in it was run)", globals_needed=[])
 
 
 def _check_expr(path: str, text: str) -> None:

@@ -160,4 +160,4 @@ def get_net(name: str, /, **kwargs: Any) -> nn.Module:
 __all__ = ["NetSpec", "Task", "builder_params", "get_net", "list_nets", "net_spec", "register_net"]
 
 # Importing the builder modules registers them; they import register_net from above.
-from app.nets import exported, layers, resnets, tensor_stack, torchvision_nets, unet  # noqa: E402,F401
+from app.nets import declared, layers, resnets, tensor_stack, torchvision_nets, unet  # noqa: E402,F401

@@ -13,6 +13,7 @@ from app.devices import resolve_device
 from app.errors import TrustNotAllowed
 from app.loading import CheckpointSpec, load_checkpoint
 from app.nets import net_spec
+from app.nets.declared import PythonNet
 from app.runtime.base import ModelRuntime
 from app.runtime.classifier import ClassifierRuntime
 from app.runtime.segmenter import SegmenterRuntime
@@ -33,6 +34,15 @@ def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: 
             "but the server does not allow it; set MODSERVE_ALLOW_TRUSTED_CHECKPOINTS=true to allow it, "
             "or save the model's state_dict instead"
         )
+    code = None
+    if net_spec(config.architecture).root_class is PythonNet:
+        if not settings.allow_model_code:
+            raise TrustNotAllowed(
+                f"model {entry.name}: architecture {config.architecture} imports the model.py beside its model.toml,"
+                " which is Python code that runs with the server's rights; the server does not allow it: set"
+                " MODSERVE_ALLOW_MODEL_CODE=true to allow it, or export the model with torch.export (.pt2)"
+            )
+        code = store.model_code_path(entry.name)
     device = resolve_device(config.runtime.device, settings.device)
     path = store.checkpoint_path(entry, version)
     spec = CheckpointSpec(
@@ -41,6 +51,7 @@ def build_runtime(store: ModelStore, entry: ModelEntry, version: str, settings: 
         sha256=config.checkpoint.sha256_for(version),
         trusted=config.checkpoint.trusted,
         pickled_class_names=config.checkpoint.pickled_class_names,
+        code=code,
     )
     loaded = load_checkpoint(config.architecture, config.arguments, spec, device)
     runtime = RUNTIMES[net_spec(config.architecture).task](

@@ -189,6 +189,11 @@ class ModelStore:
         check_name(name)
         return self.inside(self.root / name / check_version(version))
 
+    def model_code_path(self, name: str) -> Path:
+        """The operator's ``model.py`` beside a model's model.toml, checked to stay inside the store."""
+        check_name(name)
+        return self.inside(self.root / name / "model.py")
+
     def checkpoint_path(self, entry: ModelEntry, version: str) -> Path:
         """The checkpoint file of one version, checked to stay inside the store."""
         if entry.config is None:
