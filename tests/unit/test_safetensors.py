@@ -47,7 +47,7 @@ def _outputs(model: nn.Module, arch: str, arguments: dict[str, Any]) -> tuple[to
 
 
 def test_every_registered_architecture_is_covered() -> None:
-    from app.nets.exported import ExportedNet
+    from app.nets.declared import ExportedNet
 
     takes_state_dicts = {a for a in list_nets() if net_spec(a).root_class is not ExportedNet}  # .pt2 archives only
     assert set(SMALL) == takes_state_dicts
