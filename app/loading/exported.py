@@ -47,8 +47,9 @@ _SYMINT_OPS = {f"_operator.{op}" for op in ("getitem", "add", "sub", "mul", "flo
 _NO_FILE_OPS = frozenset({"save", "from_file", "_print", "warn"})
 _EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z][A-Za-z0-9]*)|'([su]\d{1,6})'|(\d{1,19})|(\*\*|//|==|<=|>=|[-+*/%(),<>=]))")
 _EXPR_WORDS = frozenset({
-    "Symbol", "Integer", "positive", "integer", "True", "False", "Mod", "FloorDiv", "CeilDiv", "PythonMod",
-    "Max", "Min", "Abs", "IntTrueDiv", "CleanDiv", "TruncToInt", "oo",
+    "Symbol", "Integer", "Rational", "Float", "positive", "integer", "True", "False", "Add", "Mul", "Pow",
+    "Mod", "FloorDiv", "CeilDiv", "PythonMod", "Max", "Min", "Abs", "IntTrueDiv", "CleanDiv", "TruncToInt", "oo",
+    "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
 })
 _GUARD_TERM = r"(?:L\['[A-Za-z_][A-Za-z0-9_]{0,99}'\](?:\.size\(\)\[\d{1,2}\]|\[\d{1,3}\])*|-?\d{1,19})"
 _GUARD = re.compile(rf"^{_GUARD_TERM}\s*(?:==|!=|<=|>=|<|>)\s*{_GUARD_TERM}$")
