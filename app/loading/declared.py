@@ -38,6 +38,7 @@ def load_declared(
         if spec.format == "state_dict":
             raise CheckpointFormatMismatch(f'{path} is a torch.export program, not a state_dict; set format = "auto"')
         model = read_exported(fh, device)
+        assert model is not None
         _check_exported_signature(model, arch, arch_kwargs, path)
         return model
     if root_class is PythonNet:

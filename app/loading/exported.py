@@ -176,8 +176,40 @@ def _sample_inputs(path: str, raw: bytes) -> bytes:
     return out.getvalue()
 
 
-def read_exported(fh: BinaryIO, device: torch.device) -> ExportedNet:
-    """Check the archive, rebuild it from its checked parts, load that, move it to ``device``."""
+def _sizes(program: dict[str, Any], spec: dict[str, Any], kind: str) -> list[int | str]:
+    name = spec[kind].get("arg", {}).get("as_tensor", {}).get("name")
+    value = program["graph_module"]["graph"].get("tensor_values", {}).get(name, {})
+    return [d.get("as_int", "dynamic") for d in value.get("sizes", [])]
+
+
+def describe_exported(fh: BinaryIO) -> tuple[dict[str, Any], str | None]:
+    """Inputs and outputs (shapes, dynamic dimensions as "dynamic") read from the archive's program
+    without loading it, and why the loader would refuse it (None: it would load)."""
+    from torch.export.pt2_archive._package import PT2ArchiveReader
+
+    path = where(fh)
+    fh.seek(0)
+    try:
+        reader = PT2ArchiveReader(io.BytesIO(fh.read()))
+        program = json.loads(reader.read_bytes(_PROGRAM)[:MAX_PROGRAM_BYTES])
+        signature = program["graph_module"]["signature"]
+        facts = {
+            "inputs": [_sizes(program, s, "user_input") for s in signature["input_specs"] if "user_input" in s],
+            "outputs": [_sizes(program, s, "user_output") for s in signature["output_specs"] if "user_output" in s],
+            "operators": len(program["graph_module"]["graph"].get("nodes", [])),
+        }
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise CheckpointCorrupt(f"{path}: not a readable torch.export archive ({str(exc).splitlines()[0][:200]})") from None
+    try:
+        read_exported(fh, torch.device("meta"), check_only=True)
+    except (UnsafeCheckpoint, CheckpointCorrupt, CheckpointFormatMismatch) as exc:
+        return facts, exc.message
+    return facts, None
+
+
+def read_exported(fh: BinaryIO, device: torch.device, *, check_only: bool = False) -> ExportedNet | None:
+    """Check the archive, rebuild it from its checked parts, load that, move it to ``device``
+    (``check_only``: stop after the checks, load nothing)."""
     from torch.export.passes import move_to_device_pass
     from torch.export.pt2_archive._package import PT2ArchiveReader, PT2ArchiveWriter
 
@@ -202,6 +234,8 @@ def read_exported(fh: BinaryIO, device: torch.device) -> ExportedNet:
         raise
     except (RuntimeError, AssertionError, KeyError, ValueError, TypeError, AttributeError) as exc:
         raise CheckpointCorrupt(f"{path}: not a readable torch.export archive ({str(exc).splitlines()[0][:200]})") from None
+    if check_only:
+        return None
     clean = io.BytesIO()
     with PT2ArchiveWriter(clean) as writer:
         for name, data in records.items():

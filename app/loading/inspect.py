@@ -25,6 +25,7 @@ from app.loading.allowlist import (
     stand_in,
     unsafe_globals,
 )
+from app.loading.exported import describe_exported
 from app.loading.files import (
     Container,
     file_sha256,
@@ -107,6 +108,7 @@ class CheckpointFacts:
             "state_dict": "state_dict",
             "wrapped_state_dict": "wrapped state_dict",
             "whole_model": "whole model (torch.save(model))",
+            "exported": "program (torch.export.save)",
             None: "unknown (not read)",
         }[self.kind]
         if self.wrapper_key:
@@ -145,6 +147,8 @@ def inspect_checkpoint(path: Path) -> CheckpointFacts:
         container = sniff_container(fh)
         if container == "safetensors":
             return _inspect_safetensors(fh, path, size)
+        if container == "exported":
+            return _inspect_exported(fh, path, size)
         try:
             needed = unsafe_globals(fh, container)
         except Exception as exc:  # noqa: BLE001 - disassembler failure means not a pickle we know
@@ -191,6 +195,28 @@ def _twin_notes(fits: list[Any]) -> list[str]:
     """Say which of two architectures with identical keys matches the notes' class, and why."""
     names = {getattr(f, "arch", None) for f in fits}
     return [text for pair, text in _TWINS.items() if pair <= names]
+
+
+def _inspect_exported(fh: BinaryIO, path: Path, size: int) -> CheckpointFacts:
+    """A torch.export program: its inputs and outputs, whether it would load, the model.toml to start from."""
+    program, refusal = describe_exported(fh)
+    facts = CheckpointFacts(str(path), size, file_sha256(fh), "exported", kind="exported")  # type: ignore[arg-type]
+    inputs, outputs = program["inputs"], program["outputs"]
+    facts.notes.append(
+        f"torch.export program, {program['operators']} graph nodes; inputs {inputs}, outputs {outputs}"
+        " (batch first; 'dynamic' = any size)"
+    )
+    facts.notes.append(f"the loader REFUSES it: {refusal}" if refusal else "the loader's checks pass: it loads")
+    first_in, first_out = (inputs or [[]])[0], (outputs or [[]])[0]
+    if len(first_in) == 4 and len(first_out) == 4:
+        facts.fits.append(ArchFit("exported_segmenter", {"num_classes": first_out[1]}))
+    elif len(first_in) == 4:
+        extra = inputs[1][-1] if len(inputs) > 1 and len(inputs[1]) == 2 else 1 if len(inputs) > 1 else 0
+        names = ["probs", *(f"output{i}" for i in range(1, len(outputs)))]
+        facts.fits.append(ArchFit("exported_classifier", {"outputs": names, "num_classes": first_out[-1], "n_extra": extra}))
+    elif first_in:
+        facts.fits.append(ArchFit("exported_tensor", {"input_shape": first_in[1:], "num_outputs": first_out[-1]}))
+    return facts
 
 
 def _inspect_safetensors(fh: BinaryIO, path: Path, size: int) -> CheckpointFacts:

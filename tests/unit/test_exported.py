@@ -158,3 +158,16 @@ def test_an_exported_architecture_refuses_a_pickle(tmp_path: Path) -> None:
     torch.save(ResNetTwoOutputs(num_classes=3, backbone="resnet18").state_dict(), path)
     with pytest.raises(CheckpointFormatMismatch, match="is not one"):
         _load(path)
+
+
+def test_inspect_describes_a_program_and_says_whether_it_loads(tmp_path: Path, dual: tuple[torch.nn.Module, Path]) -> None:
+    from app.loading import inspect_checkpoint
+
+    facts = inspect_checkpoint(dual[1])
+    assert facts.container == "exported" and "the loader's checks pass" in " ".join(facts.notes)
+    assert [(f.arch, f.kwargs) for f in facts.fits] == [
+        ("exported_classifier", {"outputs": ["probs", "output1"], "num_classes": 3, "n_extra": 1})]
+    assert 'architecture = "exported_classifier"' in facts.to_text()
+    marker = tmp_path / "ran"
+    crafted = craft(dual[1], tmp_path / "crafted.pt2", _sympy(marker))
+    assert "REFUSES" in " ".join(inspect_checkpoint(crafted).notes) and not marker.exists()
