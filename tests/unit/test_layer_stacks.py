@@ -16,14 +16,9 @@ from app.loading import CheckpointSpec, load_checkpoint
 from app.nets import get_net
 from app.nets.layers import LAYER_TYPES, build_stack
 from app.store.model_config import parse_model_config
+from support.notes import NOTES_HEAD_TOML
 
-HEAD = [
-    {"name": "fc1", "type": "Linear", "in_features": 2048, "out_features": 128},
-    {"name": "relu1", "type": "ReLU"},
-    {"name": "dropout1", "type": "Dropout", "p": 0.2},
-    {"name": "fc2", "type": "Linear", "in_features": 128, "out_features": 10},
-    {"name": "output", "type": "Softmax", "dim": 1},
-]
+HEAD = NOTES_HEAD_TOML
 MLP = [
     {"type": "Linear", "in_features": 784, "out_features": 256},
     {"type": "ReLU"},
