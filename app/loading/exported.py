@@ -26,11 +26,11 @@ import re
 from typing import Any, BinaryIO
 
 import torch
+
 from app.errors import CheckpointCorrupt, CheckpointFormatMismatch, UnsafeCheckpoint
 from app.loading.files import where
 from app.nets.declared import ExportedNet
 
-MODEL = "model"
 _CONFIGS = {"weights": "data/weights/model_weights_config.json", "constants": "data/constants/model_constants_config.json"}
 _PAYLOAD_NAME = {"weights": re.compile(r"^weight_\d{1,6}$"), "constants": re.compile(r"^tensor_\d{1,6}$")}
 _PROGRAM = "models/model.json"
@@ -232,7 +232,7 @@ def read_exported(fh: BinaryIO, device: torch.device, *, check_only: bool = Fals
         records[_SAMPLE_INPUTS] = _sample_inputs(path, reader.read_bytes(_SAMPLE_INPUTS))
     except (UnsafeCheckpoint, CheckpointCorrupt, CheckpointFormatMismatch):
         raise
-    except (RuntimeError, AssertionError, KeyError, ValueError, TypeError, AttributeError) as exc:
+    except (RuntimeError, AssertionError, KeyError, ValueError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointCorrupt(f"{path}: not a readable torch.export archive ({str(exc).splitlines()[0][:200]})") from None
     if check_only:
         return None
