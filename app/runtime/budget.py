@@ -18,8 +18,31 @@ DEVICE_SHARE = {"cuda": 0.4, "cpu": 0.25}
 MIN_PIXELS = 64 * 64
 
 
+def _graph_bytes(graph: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> int:
+    """The same sum for a graph of operators (a torch.export program has no layers to hook): every
+    node's output, run node by node."""
+    total = 0
+
+    class Counting(torch.fx.Interpreter):
+        def run_node(self, n: torch.fx.Node) -> object:
+            nonlocal total
+            out = super().run_node(n)
+            if n.op == "call_function":
+                outputs = out if isinstance(out, (tuple, list)) else (out,)
+                total += sum(t.numel() * t.element_size() for t in outputs if isinstance(t, torch.Tensor))
+            return out
+
+    with torch.inference_mode():
+        Counting(graph).run(*example)
+    return total
+
+
 def activation_bytes_per_pixel(model: nn.Module, example: tuple[torch.Tensor, ...]) -> float:
     """Bytes of layer outputs per input pixel for one forward of ``example`` (batch of one)."""
+    height, width = example[0].shape[-2:]
+    graphs = [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]
+    if graphs:
+        return max(_graph_bytes(graphs[0], example), 1) / float(height * width)
     total = 0
 
     def count(_module: nn.Module, _inputs: object, output: object) -> None:
@@ -35,7 +58,6 @@ def activation_bytes_per_pixel(model: nn.Module, example: tuple[torch.Tensor, ..
     finally:
         for handle in handles:
             handle.remove()
-    height, width = example[0].shape[-2:]
     return max(total, 1) / float(height * width)
 
 

@@ -171,3 +171,17 @@ def test_inspect_describes_a_program_and_says_whether_it_loads(tmp_path: Path, d
     marker = tmp_path / "ran"
     crafted = craft(dual[1], tmp_path / "crafted.pt2", _sympy(marker))
     assert "REFUSES" in " ".join(inspect_checkpoint(crafted).notes) and not marker.exists()
+
+
+def test_an_exported_unet_is_sized_like_the_built_one(tmp_path: Path) -> None:
+    """The processed-pixel limit comes from the activation bytes of a forward: a program has no layers
+    to hook, so its operators are counted instead (else a 40-megapixel image would pass the limit)."""
+    from app import nets
+    from app.runtime.budget import activation_bytes_per_pixel
+
+    built = nets.get_net("unet", n_channels=3, n_classes=2, base_channels=4).eval()
+    path = export(built, (torch.zeros(2, 3, 48, 40),), tmp_path / "unet.pt2", spatial=True)
+    exported = load_checkpoint("exported_segmenter", {"num_classes": 2}, CheckpointSpec(path)).model
+    example = (torch.zeros(1, 3, 64, 48),)
+    ratio = activation_bytes_per_pixel(exported, example) / activation_bytes_per_pixel(built, example)
+    assert 0.9 < ratio < 1.5
