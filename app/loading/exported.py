@@ -45,9 +45,13 @@ _NAME = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,199}(\.[A-Za-z0-9_]{1,200}){0,32}
 _OPERATOR = re.compile(r"^torch\.ops\.aten\.([a-z_][a-z0-9_]{0,99})\.([a-zA-Z_][A-Za-z0-9_]{0,99})$")
 _SYMINT_OPS = {f"_operator.{op}" for op in ("getitem", "add", "sub", "mul", "floordiv", "mod", "neg", "eq", "ge", "le", "gt", "lt")}
 _NO_FILE_OPS = frozenset({"save", "from_file", "_print", "warn"})
-_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z][A-Za-z0-9]*)|'([su]\d{1,6})'|(\d{1,19})|(\*\*|//|==|<=|>=|[-+*/%(),<>=]))")
+_EXPR_TOKEN = re.compile(r"\s*(?:([A-Za-z][A-Za-z0-9]*)|'([su]\d{1,6})'|(\d{1,19})|(//|==|<=|>=|[-+*/%(),<>=]))")
+MAX_EXPR_CHARS = 1024
+"""Longest shape expression (a U-Net's are about 250); with no powers and at most MAX_EXPR_SYMBOLS
+symbols, evaluating one stays cheap (sympy compares a Max's arguments pairwise)."""
+MAX_EXPR_SYMBOLS = 8
 _EXPR_WORDS = frozenset({
-    "Symbol", "Integer", "Rational", "Float", "positive", "integer", "True", "False", "Add", "Mul", "Pow",
+    "Symbol", "Integer", "Rational", "Float", "positive", "integer", "True", "False", "Add", "Mul",
     "Mod", "FloorDiv", "CeilDiv", "PythonMod", "Max", "Min", "Abs", "IntTrueDiv", "CleanDiv", "TruncToInt", "oo",
     "Eq", "Ne", "Lt", "Le", "Gt", "Ge", "And", "Or", "Not",
 })
@@ -62,8 +66,11 @@ def _refuse(path: str, why: str) -> UnsafeCheckpoint:
 
 def _check_expr(path: str, text: str) -> None:
     """Symbolic-shape expressions reach sympy's eval: only symbols, integers, arithmetic and a few
-    sympy functions by name pass; no attribute access, subscripts, strings or underscores."""
-    pos = 0
+    sympy functions by name pass; no attribute access, subscripts, strings or underscores, and no
+    powers (``9**9**9`` would hang sympy)."""
+    if len(text) > MAX_EXPR_CHARS or "**" in text:
+        raise _refuse(path, f"symbolic expression {text[:80]!r} is too long or raises to a power")
+    pos, symbols = 0, set()
     while pos < len(text):
         m = _EXPR_TOKEN.match(text, pos)
         if not m or m.end() == pos:
@@ -71,6 +78,9 @@ def _check_expr(path: str, text: str) -> None:
         word = m.group(1)
         if word and word not in _EXPR_WORDS and not re.fullmatch(r"[su]\d{1,6}", word):
             raise _refuse(path, f"symbolic expression {text[:80]!r} names {word!r}")
+        symbols.add(m.group(2) or (word if word and word[0] in "su" and word[1:].isdigit() else None))
+        if len(symbols - {None}) > MAX_EXPR_SYMBOLS:
+            raise _refuse(path, f"symbolic expression {text[:80]!r} has more than {MAX_EXPR_SYMBOLS} symbols")
         pos = m.end()
         while pos < len(text) and text[pos].isspace():
             pos += 1
