@@ -260,9 +260,11 @@ def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
     """The staged file must be a plain state_dict that loads strictly into the configured net."""
     if path.stat().st_size == 0:
         raise InvalidInput("uploaded checkpoint is empty")
-    if net_spec(config.architecture).root_class is ExportedNet:  # a .pt2 program: checked record by record, no pickle
-        _check_loads_here(config, path, version, "auto")
-        return
+    if net_spec(config.architecture).root_class is ExportedNet:
+        raise InvalidInput(
+            f"architecture {config.architecture} serves a torch.export program, which the operator installs on disk;"
+            " uploads are state_dict checkpoints"
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means we refuse the file
@@ -274,12 +276,8 @@ def validate_upload(config: ModelConfig, path: Path, version: str) -> None:
     if not isinstance(obj, dict) or not any(isinstance(v, (torch.Tensor, dict)) for v in obj.values()):
         raise InvalidInput("uploaded checkpoint holds no state_dict (a dict of tensors)")
     del obj
-    _check_loads_here(config, path, version, "state_dict")
-
-
-def _check_loads_here(config: ModelConfig, path: Path, version: str, fmt: str) -> None:
     try:
-        check_loads(config, path, version, fmt=fmt)
+        check_loads(config, path, version, fmt="state_dict")
     except ServiceError as exc:  # the staging path means nothing to the client
         exc.message = exc.message.replace(str(path), "the uploaded checkpoint")
         raise

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from app.errors import InvalidInput
 from app.nets import register_net
 
 if TYPE_CHECKING:
@@ -44,7 +45,14 @@ class ExportedNet(nn.Module):
         return self
 
     def forward(self, *args: torch.Tensor) -> Any:
-        return self.program(*args)
+        try:
+            return self.program(*args)
+        except (AssertionError, RuntimeError) as exc:
+            # The program's own checks of its inputs (a shape outside the ranges it was exported for,
+            # a guard) make it the request's fault; anything else (out of memory, ...) goes on as it is.
+            if isinstance(exc, RuntimeError) and not str(exc).startswith("Expected input at"):
+                raise
+            raise InvalidInput(f"the exported program does not take this input: {str(exc)[:300]}") from None
 
 
 def _positive(**values: Any) -> None:

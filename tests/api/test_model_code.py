@@ -125,3 +125,20 @@ def test_the_admin_api_never_installs_or_changes_model_code(store: tuple[Path, P
                        content=buf.getvalue())
         assert r.status_code == 422 and "never through the admin API" in r.json()["error"], r.text
     assert not (root / "other").exists() and not (root / "gated" / "2").exists()
+
+
+def test_the_admin_api_never_uploads_a_program(tmp_path: Path) -> None:
+    """A .pt2 program is installed by the operator on disk; uploads are state_dicts."""
+    from support.notes import ResNetTwoOutputs, export
+
+    root = tmp_path / "store"
+    root.mkdir()
+    model = ResNetTwoOutputs(num_classes=3, backbone="resnet18")
+    program = export(model, (torch.rand(2, 3, 32, 32), torch.rand(2, 1)), tmp_path / "dual.pt2").read_bytes()
+    config = {"architecture": "exported_classifier", "arguments": {"outputs": ["probs", "features"], "num_classes": 3,
+              "n_extra": 1}, "checkpoint": {"file": "model.pt2"}, "preprocess": {"resize": [32, 32]}}
+    with TestClient(create_app(_settings(root, allow=False))) as client:
+        r = client.put("/admin/models/dual/versions/1", headers=AUTH,
+                       files={"checkpoint": ("model.pt2", program), "model_toml": (None, to_toml(config))})
+    assert r.status_code == 422 and "installs on disk" in r.json()["error"], r.text
+    assert not (root / "dual").exists()

@@ -209,3 +209,13 @@ def test_tensor_models_native_and_v2_equal_the_users_forward(served: tuple[Serve
     finally:
         client.close()
     assert np.abs(got_v2 - want).max() < TOL
+
+
+def test_an_input_the_program_was_not_exported_for_is_a_422(served: tuple[Server, dict[str, Any]]) -> None:
+    """The U-Net was exported for heights and widths from 32: its own guard refuses 20 x 20."""
+    server, _ = served
+    image = np.zeros((1, 3, 20, 20), dtype=np.float32)
+    body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": list(image.shape), "data": image.ravel().tolist()}]}
+    r = httpx.post(f"{server.url}/v2/models/unet_pt2/infer", json=body, timeout=60)
+    assert r.status_code in (400, 422) and "does not take this input" in r.json()["error"], r.text
+    assert httpx.get(f"{server.url}/v2/models/unet_pt2/ready").status_code == 200

@@ -86,8 +86,8 @@ def _sample_inputs(marker: Path) -> Any:
     return change
 
 
-@pytest.mark.parametrize("attack", [_guard, _sympy, _pickled_weight, _sample_inputs],
-                         ids=["guards_code-exec", "sympy-eval", "pickled-weight", "sample-inputs-fallback"])
+@pytest.mark.parametrize("attack", [_guard, _sympy, _pickled_weight],
+                         ids=["guards_code-exec", "sympy-eval", "pickled-weight"])
 def test_crafted_archives_that_run_code_in_torch_are_refused_without_running(
     tmp_path: Path, dual: tuple[torch.nn.Module, Path], attack: Any
 ) -> None:
@@ -100,6 +100,43 @@ def test_crafted_archives_that_run_code_in_torch_are_refused_without_running(
     assert not marker.exists()
 
 
+def test_sample_inputs_are_never_read(tmp_path: Path, dual: tuple[torch.nn.Module, Path]) -> None:
+    """torch falls back to a full unpickling of sample inputs the weights-only reader refuses; modserve
+    never uses them, so it never reads them (the rebuilt archive has none) and the program loads."""
+    marker = tmp_path / "ran"
+    crafted = craft(dual[1], tmp_path / "crafted.pt2", _sample_inputs(marker))
+    _torch_runs_it(crafted, marker)
+    loaded = _load(crafted)
+    with torch.inference_mode():
+        assert loaded(X[:1], S[:1])[0].shape == (1, 3)
+    assert not marker.exists()
+
+
+def _weight(parts: dict[str, bytes], program: dict[str, Any], *, record: bytes | None = None,
+            sizes: list[int] | None = None) -> None:
+    """Change the first weight: its record's bytes, or the shape its table claims (with a matching record)."""
+    config = json.loads(parts["data/weights/model_weights_config.json"])
+    meta = next(iter(config["config"].values()))
+    if record is not None:
+        parts["data/weights/" + meta["path_name"]] = record
+    if sizes is not None:
+        meta["tensor_meta"]["sizes"] = [{"as_int": n} for n in sizes]
+        meta["tensor_meta"]["strides"] = [{"as_int": 1}]
+    parts["data/weights/model_weights_config.json"] = json.dumps(config).encode()
+
+
+def test_compressed_records_are_refused_before_they_expand(tmp_path: Path, dual: tuple[torch.nn.Module, Path]) -> None:
+    """A deflated record could expand 1000-fold (a zip bomb); torch.export.save stores records as they are."""
+    import zipfile
+
+    bomb = tmp_path / "bomb.pt2"
+    with zipfile.ZipFile(dual[1]) as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info.filename))
+    with pytest.raises(UnsafeCheckpoint, match="is compressed"):
+        _load(bomb)
+
+
 def _node(program: dict[str, Any], op: str) -> dict[str, Any]:
     return next(n for n in program["graph_module"]["graph"]["nodes"] if n["target"] == op)
 
@@ -108,7 +145,24 @@ def _node(program: dict[str, Any], op: str) -> dict[str, Any]:
     (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(target="torch.os.system"), "not an ATen operator"),
     (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(target="builtins.exec"), "not an ATen operator"),
     (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(target="torch.ops.aten.from_file.default"),
-     "reads or writes files"),
+     "not one modserve serves"),
+    (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(
+        target="torch.ops.aten._sparse_coo_tensor_with_dims_and_tensors.default"), "not one modserve serves"),
+    (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(target="torch.ops.aten.empty.memory_format"),
+     "not one modserve serves"),
+    (lambda parts, p: _node(p, "torch.ops.aten.relu.default")["inputs"].append(
+        {"name": "f", "arg": {"as_operator": "torch.os.system"}, "kind": 1}), "as_operator"),
+    (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(
+        target="_operator.mul", inputs=[{"name": "a", "arg": {"as_string": "A"}}, {"name": "b", "arg": {"as_int": 9}}]),
+     "size arithmetic takes"),
+    (lambda parts, p: _node(p, "torch.ops.aten.max_pool2d.default")["inputs"][1]["arg"].update(as_ints=[2**40, 3]),
+     "beyond"),
+    (lambda parts, p: _first_expr(p).update(expr_str=_first_expr(p)["expr_str"] + " + Float(1, 99999999)"),
+     "names 'Float'"),
+    (lambda parts, p: _first_expr(p).update(expr_str="Max(" + ", ".join(f"s40+{i}" for i in range(40)) + ")"),
+     "too many arguments"),
+    (lambda parts, p: _weight(parts, p, record=b""), "but its record holds 0 bytes"),
+    (lambda parts, p: _weight(parts, p, sizes=[7]), "the program expects"),
     (lambda parts, p: _node(p, "torch.ops.aten.relu.default").update(target="torch.ops.higher_order.cond"),
      "not an ATen operator"),
     (lambda parts, p: parts.update({"data/aotinductor/model/model.so": b"\x7fELF"}), "data/aotinductor/model/model.so"),
@@ -120,7 +174,9 @@ def _node(program: dict[str, Any], op: str) -> dict[str, Any]:
      "not a plain size comparison"),
     (lambda parts, p: p["graph_module"].update(treespec_namedtuple_fields={"T": {"field_names": ["a"]}}),
      "named tuples"),
-], ids=["torch.os.system", "builtins.exec", "aten.from_file", "higher-order-op", "aotinductor-library",
+], ids=["torch.os.system", "builtins.exec", "aten.from_file", "aten-sparse", "aten-empty", "as_operator",
+        "symint-string", "huge-int", "sympy-float", "sympy-max-args", "zero-byte-weight", "weight-shape",
+        "higher-order-op", "aotinductor-library",
         "opaque-object", "node-name", "sympy-attribute", "sympy-function", "guard-call", "namedtuple"])
 def test_anything_but_aten_programs_with_raw_weights_is_refused(
     tmp_path: Path, dual: tuple[torch.nn.Module, Path], change: Any, needle: str
