@@ -1,0 +1,122 @@
+"""The single-process cap (issue 17, step 1): how many requests/s one service process handles when
+the model costs nothing, and where its time goes.
+
+``python -m bench.cap [--duration S] [--concurrency 1 16 64] [--profile]``
+
+The model is a ``layer_stack`` of one Linear layer on a 16 x 16 image (its forward takes a few
+microseconds); the payload is a small photo-like JPEG (64 x 48), sent as a native multipart upload,
+and, pre-processed, as a v2 request with a binary FP32 tensor. The same closed-loop load generator
+as bench/run_bench.py drives one server process. ``--profile`` samples the server with py-spy
+(installed on demand) during one extra native step and prints the top functions by own time.
+Prints one JSON object; nothing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench import requests_v2, servers
+from bench.workload import make_jpegs
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "trivial"
+CONFIG = {
+    "architecture": "layer_stack",
+    "arguments": {"flatten_input": True, "num_classes": 4,
+                  "layers": [{"type": "Linear", "in_features": 3 * 16 * 16, "out_features": 4}]},
+    "runtime": {"device": "cpu", "max_batch_size": 64, "max_batch_delay_ms": 1.0},
+    "preprocess": {"resize": [16, 16]},
+    "postprocess": {"output_names": ["probs"]},
+}
+
+
+def write_store(root: Path) -> Path:
+    from app.store.writer import write_model
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3 * 16 * 16, 4))
+    write_model(root, MODEL, CONFIG, model.state_dict())
+    return root
+
+
+def loadgen(url: str, conc: int, duration: float, source: list[str]) -> dict[str, Any]:
+    """requests/s, p50 and errors of one closed-loop step."""
+    import statistics
+
+    cmd = [sys.executable, "-m", "bench.loadgen", "--url", url, "--concurrency", str(conc),
+           "--duration", str(duration), "--warmup", "1", "--drain", "10", *source]
+    out = json.loads(subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=duration + 120,
+                                    check=True).stdout)
+    lat = out["latencies_ms"]
+    return {"rps": round(out["ok"] / out["measure_s"], 1), "p50_ms": round(statistics.median(lat), 2) if lat else None,
+            "errors": out["errors"]}
+
+
+def profile(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:
+    """Top functions by own time (py-spy --nonblocking samples of the server's threads)."""
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "py-spy"], check=True)
+    raw = out / "profile.txt"
+    subprocess.run([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(pid), "--duration",
+                    str(int(seconds)), "--nonblocking", "--format", "raw", "--output", str(raw)],
+                   check=True, capture_output=True)
+    own: dict[str, float] = {}
+    total = 0.0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        leaf = stack.split(";")[-1]
+        own[leaf] = own.get(leaf, 0.0) + float(count)
+        total += float(count)
+    top = sorted(own.items(), key=lambda kv: -kv[1])[:15]
+    return [(name, round(100 * n / total, 1)) for name, n in top]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        store = write_store(tmp / "store")
+        jpegs = make_jpegs(tmp / "jpegs", (64, 48))
+        bodies = requests_v2.write_bodies(tmp / "v2", jpegs, store, MODEL, None)
+        port = servers.pick_free_port()
+        env = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
+               "MODSERVE_LOG_LEVEL": "warning", "MODSERVE_MAX_CONCURRENCY": "4096"}
+        server = servers.start_server("service", [sys.executable, "-m", "app"], port, env, tmp, ROOT)
+        result: dict[str, Any] = {"model": CONFIG, "payload": "64x48 JPEG", "steps": []}
+        try:
+            servers.wait_ready(server, "/v2/health/ready")
+            base = f"http://127.0.0.1:{port}"
+            for conc in args.concurrency:
+                native = loadgen(f"{base}/v1/models/{MODEL}/predict", conc, args.duration, ["--images", str(tmp / "jpegs")])
+                v2 = loadgen(f"{base}/v2/models/{MODEL}/infer", conc, args.duration, ["--bodies", str(bodies)])
+                result["steps"].append({"concurrency": conc, "native": native, "v2_binary": v2})
+                print(json.dumps(result["steps"][-1]), file=sys.stderr)
+            if args.profile:
+                proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", "--url", f"{base}/v1/models/{MODEL}/predict",
+                                         "--concurrency", "16", "--duration", str(args.duration + 4), "--warmup", "1",
+                                         "--images", str(tmp / "jpegs")], cwd=ROOT, stdout=subprocess.DEVNULL)
+                import time
+
+                time.sleep(2)
+                result["profile_native_c16_own_time_pct"] = profile(server.proc.pid, args.duration, tmp)
+                proc.wait(timeout=args.duration + 60)
+        finally:
+            servers.stop_server(server)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
