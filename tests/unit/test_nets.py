@@ -23,8 +23,9 @@ from app.nets.unet import UNet as OurUNet
 from ckpt_helpers import reference_unet_module
 
 ALL_NETS = [
-    "exported_classifier", "exported_segmenter", "exported_tensor", "layer_stack", "resnet50_dual", "resnet50_extra", "resnet50_extra_dual", "resnet50_head", "tensor_stack", "torchvision",
-    "torchvision_segmentation", "unet",
+    "exported_classifier", "exported_segmenter", "exported_tensor", "layer_stack", "python_classifier",
+    "python_segmenter", "python_tensor", "resnet50_dual", "resnet50_extra", "resnet50_extra_dual", "resnet50_head",
+    "tensor_stack", "torchvision", "torchvision_segmentation", "unet",
 ]
 RESNET_NETS = ["resnet50_head", "resnet50_extra", "resnet50_dual", "resnet50_extra_dual"]
 
