@@ -33,6 +33,7 @@ from app.model_state import (
 )
 from app.runtime.base import ModelRuntime
 from app.runtime.factory import build_runtime, release
+from app.runtime.own_thread import in_own_thread
 from app.store import ModelStore
 
 log = logging.getLogger("modserve.registry")
@@ -208,7 +209,8 @@ class ModelRegistry:
             if failures and status.live is not None and status.live.runtime.version == candidate:
                 return None, failures
             try:
-                runtime = await asyncio.to_thread(self._build, self.store, entry, candidate, self.settings)
+                # a thread that exits afterwards: its OpenMP team must not outlive the build (own_thread.py)
+                runtime = await in_own_thread(self._build, self.store, entry, candidate, self.settings)
                 return runtime, failures
             except Exception as exc:  # noqa: BLE001 - recorded; then the next older version is tried
                 err = exc if isinstance(exc, ServiceError) else ServiceError(f"{type(exc).__name__}: {exc}")

@@ -26,7 +26,7 @@ from app.observability.context import current, note_model
 from app.observability.metrics import Metrics
 from app.registry import ModelRegistry
 from app.runtime.faults import DeviceFault
-from app.runtime.images import decode_image
+from app.runtime.uploads import decode_upload
 from app.runtime.pixels import PixelBudget, RequestPixels
 from app.runtime.base import InferenceItem, ModelRuntime
 
@@ -135,6 +135,7 @@ class InferenceService:
         self, runtime: ModelRuntime, inst: Instance, outputs: frozenset[str] | None, request_pixels: RequestPixels
     ) -> tuple[InferenceItem, tuple[int, int] | None]:
         scalar = self._scalar(runtime, inst.scalar)
+        encoded: torch.Tensor | None = None  # a JPEG the device decodes with its batch
         if inst.image_bytes is not None:
             with ExitStack() as held:
 
@@ -143,16 +144,11 @@ class InferenceService:
                     request_pixels.add(height * width)
                     held.enter_context(self._decoding.hold(height * width))
 
-                raw = decode_image(
-                    inst.image_bytes,
-                    color_mode=runtime.config.preprocess.color_mode,
-                    max_pixels=self.settings.max_image_pixels,
-                    device=runtime.device,
-                    check_size=admit,
+                upload = decode_upload(
+                    inst.image_bytes, runtime.preprocess, runtime.device,
+                    max_pixels=self.settings.max_image_pixels, check_size=admit,
                 )
-                size = (int(raw.shape[1]), int(raw.shape[2]))
-                image = runtime.preprocess(raw)
-                del raw
+            image, size, encoded = upload.image, upload.size, upload.encoded
         elif inst.tensor is not None:
             image, size = runtime.tensor_input(inst.tensor), None
         elif inst.image is not None:
@@ -162,6 +158,7 @@ class InferenceService:
         else:
             raise InvalidInput("missing input: an image or a tensor")
         item = runtime.make_item(image, size=size, scalar=scalar, outputs=outputs)
+        item.encoded = encoded
         item.solo = runtime.needs_own_batch(image)
         return item, size
 

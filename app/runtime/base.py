@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -21,52 +20,27 @@ import torch
 
 from app import nets
 from app.errors import ConfigError, InvalidInput, InvalidModelOutput, PayloadTooLarge
+from app.runtime.batch_input import batch_input
 from app.runtime.budget import activation_bytes_per_pixel, default_pixel_limit
-from app.errors import DeviceFault, OutOfDeviceMemory
-from app.runtime.faults import is_device_fault, is_out_of_memory
+from app.runtime.items import InferenceItem, TensorSpec
+from app.runtime.splitting import BatchRunner
 from app.runtime.preprocess import Preprocessor
 from app.store.model_config import ModelConfig
+
+__all__ = ["InferenceItem", "ModelRuntime", "TensorSpec"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    datatype: str  # Open Inference Protocol names: FP32, UINT8, BYTES
-    shape: tuple[int, ...]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-
-@dataclass
-class InferenceItem:
-    """One instance for one forward: a preprocessed image and, when needed, its scalars."""
-
-    image: torch.Tensor  # float32 (C, h, w)
-    scalar: torch.Tensor | None = None  # float32 (n_extra,)
-    orig_size: tuple[int, int] | None = None  # (H, W) of the decoded image, for families that answer at it
-    outputs: frozenset[str] | None = None  # None = every output
-    solo: bool = False  # too large to share a forward with others (see ModelRuntime.needs_own_batch)
-    # Filled in by the forward, read back for metrics and logs:
-    batch_size: int = 0
-    started_at: float = 0.0  # time.perf_counter() when its batch started
-    inference_s: float = 0.0
-
-    def group_key(self) -> tuple[int, ...]:
-        if self.solo:
-            return (*self.image.shape, id(self))
-        return tuple(self.image.shape)
-
-
-class ModelRuntime:
+class ModelRuntime(BatchRunner):
     """Common behaviour; a family sets ``task`` and implements the hooks marked below."""
 
     task: ClassVar[str]
     """The family's name, as the net registry's ``task`` calls it."""
     default_resize: ClassVar[tuple[int, int] | None] = None
     """Input size when model.toml sets neither ``resize`` nor ``scale``; None: the image's own size."""
+    encodes_answers: ClassVar[bool] = False
+    """Native answers encode images (mask PNGs): the route builds them in a worker thread."""
 
     def __init__(
         self,
@@ -185,54 +159,6 @@ class ModelRuntime:
             return contextlib.nullcontext()  # float16 autocast on CPU is slow and lossy: stay fp32
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def run_batch(self, items: list[InferenceItem]) -> list[dict[str, np.ndarray] | BaseException]:
-        """Forward a batch; on device OOM split it in halves and retry each once.
-
-        Items that still do not fit get a retryable error of their own; any other
-        device error is a ``DeviceFault`` for the whole batch.
-        """
-        try:
-            return list(self._forward(items))
-        except Exception as exc:  # noqa: BLE001 - classified below
-            if is_device_fault(exc) and not is_out_of_memory(exc):
-                raise DeviceFault(f"model {self.name}: unrecoverable device error: {exc}") from exc
-            if not is_out_of_memory(exc):
-                raise
-        # Outside the except block: the traceback no longer pins the failed batch's tensors.
-        self._release_cached_memory()
-        if len(items) == 1:
-            return [self._oom_error(1)]
-        mid = len(items) // 2
-        results: list[dict[str, np.ndarray] | BaseException] = []
-        for half in (items[:mid], items[mid:]):
-            outcome = self._forward_or_oom(half)
-            if outcome is None:
-                self._release_cached_memory()
-                results.extend(self._oom_error(len(half)) for _ in half)
-            else:
-                results.extend(outcome)
-        return results
-
-    def _forward_or_oom(self, items: list[InferenceItem]) -> list[dict[str, np.ndarray]] | None:
-        try:
-            return self._forward(items)
-        except Exception as exc:  # noqa: BLE001
-            if is_out_of_memory(exc):
-                return None
-            if is_device_fault(exc):
-                raise DeviceFault(f"model {self.name}: unrecoverable device error: {exc}") from exc
-            raise
-
-    def _oom_error(self, size: int) -> OutOfDeviceMemory:
-        return OutOfDeviceMemory(
-            f"model {self.name} ran out of device memory (batch of {size} after splitting); retry later",
-            retry_after=1,
-        )
-
-    def _release_cached_memory(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-
     def _forward(self, items: list[InferenceItem]) -> list[dict[str, np.ndarray]]:
         """Forward a batch of same-shaped items; one dict of numpy outputs per item."""
         started = time.perf_counter()
@@ -246,7 +172,12 @@ class ModelRuntime:
 
     def _forward_timed(self, items: list[InferenceItem]) -> list[dict[str, np.ndarray]]:
         with torch.inference_mode():
-            x = torch.stack([it.image for it in items]).to(self.device, non_blocking=True)
+            if self.device.type == "cuda":
+                # Global, so set per forward: tuning per input shape pays for a fixed-size model and
+                # re-tunes at every new size for a model that takes any size. A forward of another
+                # model on another thread may see the other value for a moment: slower, never wrong.
+                torch.backends.cudnn.benchmark = self.fixed_input_shape
+            x = batch_input(items, self.preprocess, self.device)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast():
@@ -312,8 +243,11 @@ class ModelRuntime:
                     f"smoke inference of {self.name}: output {name!r} has shape {arr.shape}, expected {want}"
                 )
 
+    @property
+    def fixed_input_shape(self) -> bool:
+        """Every forward sees one input size (cuDNN's per-shape tuning pays off)."""
+        return self.preprocess.resize is not None
+
     def warmup(self, batch_sizes: tuple[int, ...]) -> None:
-        if self.device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
         for size in batch_sizes:
             self._forward([self.dummy_item() for _ in range(size)])

@@ -34,6 +34,8 @@ DECODER_ERRORS: tuple[type[Exception], ...] = (OSError, SyntaxError, EOFError, s
 # Our own limit (checked first) is the real one; Pillow's bomb check stays on as a backstop.
 Image.MAX_IMAGE_PIXELS = 200_000_000
 
+_ORIENTATION = 0x0112  # the EXIF tag exif_transpose reads
+
 
 def decode_image(
     data: bytes, *, color_mode: str, max_pixels: int, device: torch.device | None = None,
@@ -45,6 +47,21 @@ def decode_image(
     On a GPU device JPEGs are decoded by nvJPEG there; everything else is
     decoded by Pillow and copied over.
     """
+    img = open_image(data, max_pixels=max_pixels, check_size=check_size)
+    if device is not None and device.type == "cuda" and img.format == "JPEG":
+        return _decode_jpeg_on_gpu(data, color_mode, device)
+    array = np.array(load_pixels(img, color_mode=color_mode)[0], dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    if device is not None and device.type != "cpu":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def open_image(data: bytes, *, max_pixels: int, check_size: Callable[[int, int], None] | None = None) -> Image.Image:
+    """Read and check an upload's header (format, pixel limits, ``check_size(height, width)``);
+    no pixel is decoded yet. Pillow only: safe in the decode threads."""
     if not data:
         raise InvalidInput("image is empty (0 bytes)")
     for magic, fmt in _OTHER_FORMATS.items():
@@ -81,24 +98,51 @@ def decode_image(
         raise InvalidInput("image has no pixels")
     if check_size is not None:
         check_size(height, width)  # the model's own limit on what it processes, before any pixel
-    if device is not None and device.type == "cuda" and img.format == "JPEG":
-        return _decode_jpeg_on_gpu(data, color_mode, device)
+    return img
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened JPEG as the user sees it, after its EXIF orientation (read from
+    the header: a JPEG's EXIF comes before its pixels)."""
+    width, height = img.size
+    return (width, height) if _turned(img) else (height, width)
+
+
+def _turned(img: Image.Image) -> bool:
     try:
+        return img.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+    except (ValueError, *DECODER_ERRORS):
+        return False  # unreadable EXIF: exif_transpose will not turn it either
+
+
+def load_pixels(
+    img: Image.Image, *, color_mode: str, draft: Callable[[int, int], tuple[int, int] | None] | None = None,
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode an opened image, apply its EXIF orientation, convert to ``color_mode``; also return
+    its full (height, width) as the user sees it.
+
+    ``draft(height, width)`` -> (height, width) or None: a JPEG may be decoded at 1/2, 1/4 or 1/8
+    scale (DCT domain), never below the size it names. Pillow only: safe in the decode threads.
+    """
+    full: tuple[int, int] | None = None
+    try:
+        if draft is not None and img.format == "JPEG":
+            turned = _turned(img)
+            full = (img.size[0], img.size[1]) if turned else (img.size[1], img.size[0])
+            least = draft(*full)
+            if least is not None:
+                height, width = least[::-1] if turned else least
+                img.draft(None, (width, height))  # the scale only: colour conversion stays Pillow's
         img.load()
         img = ImageOps.exif_transpose(img)
         if img.mode != color_mode:
             if img.mode in ("I;16", "I;16B", "I;16L", "I") and color_mode in ("L", "RGB"):
                 img = Image.fromarray((np.asarray(img, dtype=np.uint32) >> 8).astype(np.uint8))
             img = img.convert(color_mode)
-        array = np.asarray(img, dtype=np.uint8)
+        img.load()
     except (ValueError, *DECODER_ERRORS) as exc:
         raise InvalidInput(f"image could not be decoded (truncated or corrupt): {exc}") from None
-    if array.ndim == 2:
-        array = array[:, :, None]
-    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
-    if device is not None and device.type != "cpu":
-        tensor = tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+    return img, full or (img.size[1], img.size[0])
 
 
 def webp_canvas(data: bytes) -> tuple[int, int] | None:

@@ -24,6 +24,7 @@ from app.runtime.images import encode_png
 class SegmenterRuntime(ModelRuntime):
     task: ClassVar[str] = "segmentation"
     default_resize: ClassVar[tuple[int, int] | None] = None
+    encodes_answers: ClassVar[bool] = True
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

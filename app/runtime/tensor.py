@@ -59,6 +59,10 @@ class TensorRuntime(ModelRuntime):
             raise InvalidInput("instances hold NaN or infinite values; send finite numbers")
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
+    @property
+    def fixed_input_shape(self) -> bool:
+        return True
+
     def set_pixel_limit(self, ceiling: int) -> None:
         return None  # a fixed input shape: every item costs the same
 

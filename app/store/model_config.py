@@ -85,6 +85,10 @@ class PreprocessConfig(BaseModel):
     max_processed_pixels: int | None = Field(None, ge=1)
     """Most pixels the network may process per image (after scale/resize); 413 beyond. Unset: derived
     at load time from the model's activation size and the device's memory."""
+    fast_jpeg: bool | None = None
+    """Decode a JPEG much larger than the input at 1/2, 1/4 or 1/8 scale (Pillow's draft, DCT domain),
+    then resize exactly. Unset: on, except for the U-Net reference pre-processing (bench/README.md,
+    "JPEG draft decode", has the effect on outputs)."""
 
     @model_validator(mode="after")
     def _one_geometry(self) -> "PreprocessConfig":

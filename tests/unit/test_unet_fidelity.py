@@ -173,14 +173,14 @@ def test_service_mask_equals_the_reference(kind: str, scale: float, size: tuple[
 
 
 def test_the_comparison_has_teeth() -> None:
-    """torchvision's bicubic resize of the tensor (``resample = "bicubic"``) is not the reference's
-    Pillow resize: at scale 0.5 its masks differ from the reference's, so the test above can fail."""
+    """An explicit ``resample = "bilinear"`` is not the reference's Pillow bicubic resize: at scale 0.5
+    its masks differ from the reference's, so the test above can fail."""
     differing = 0
     for size in SIZES:
         for seed in (1, 2):
             data = png(scene(*size, seed=seed))
             ref = reference_predict(fitted_net("two_class"), Image.open(io.BytesIO(data)), scale=0.5)
-            _, result = serve(runtime("two_class", 0.5, resample="bicubic"), data)
+            _, result = serve(runtime("two_class", 0.5, resample="bilinear"), data)
             differing += int((result["mask"] != ref).sum())
     assert differing > 0
 
@@ -237,20 +237,39 @@ def test_grey_models_resize_with_pillow_too() -> None:
     assert torch.equal(out, reference_input(Image.fromarray(array), 0.5)[0])
 
 
-def test_an_explicit_resample_keeps_the_torchvision_resize() -> None:
+def test_an_explicit_resample_is_pillows_resize_within_a_grey_level_of_torchvision() -> None:
+    """An explicit ``resample`` resizes with Pillow's antialiased filter of that name on the host (no
+    torch in the decode threads) and always divides by 255; torchvision's uint8 kernels were ported
+    from Pillow's, so the result stays within one grey level of torchvision's resize."""
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    image = torch.from_numpy(scene(37, 53, seed=5)).permute(2, 0, 1).contiguous()
-    for resample, mode in [("bicubic", InterpolationMode.BICUBIC), ("bilinear", InterpolationMode.BILINEAR)]:
+    array = scene(37, 53, seed=5)
+    image = torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    cases = [("bicubic", InterpolationMode.BICUBIC, Image.Resampling.BICUBIC),
+             ("bilinear", InterpolationMode.BILINEAR, Image.Resampling.BILINEAR)]
+    for resample, mode, pil_mode in cases:
         pre = Preprocessor(PreprocessConfig(scale=0.5, resample=resample), default_resize=None)
         assert not pre.reference
-        expected = F.resize(image, [26, 18], interpolation=mode, antialias=True).float() / 255
-        torch.testing.assert_close(pre(image), expected)
+        pillow = np.asarray(Image.fromarray(array).resize((18, 26), pil_mode))
+        torch.testing.assert_close(pre(image), torch.from_numpy(pillow).permute(2, 0, 1).float() / 255)
+        torchvision = F.resize(image, [26, 18], interpolation=mode, antialias=True).float() / 255
+        torch.testing.assert_close(pre(image), torchvision, atol=1 / 255 + 1e-6, rtol=0)
     # no scale: resample unset means bilinear, as before
     pre = Preprocessor(PreprocessConfig(resize=(20, 10)), default_resize=None)
     assert not pre.reference
     expected = F.resize(image, [20, 10], interpolation=InterpolationMode.BILINEAR, antialias=True).float() / 255
+    torch.testing.assert_close(pre(image), expected, atol=1 / 255 + 1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("size", [(7, 5), (64, 48), (3, 300)])
+def test_nearest_keeps_torchvisions_index_rule(size: tuple[int, int]) -> None:
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    image = torch.from_numpy(scene(37, 53, seed=7)).permute(2, 0, 1).contiguous()
+    pre = Preprocessor(PreprocessConfig(resize=size, resample="nearest"), default_resize=None)
+    expected = F.resize(image, list(size), interpolation=InterpolationMode.NEAREST).float() / 255
     torch.testing.assert_close(pre(image), expected)
 
 

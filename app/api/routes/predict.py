@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ServiceDep
 from app.api.disconnect import unless_disconnected
 from app.api.native_request import parse_predict_request
 from app.api.responses import FastJSONResponse, model_headers
+from app.service import Prediction
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
@@ -65,9 +67,16 @@ _OPENAPI = {
 async def predict(name: str, request: Request, service: ServiceDep) -> Response:
     instances = await parse_predict_request(request)
     prediction = await unless_disconnected(request, service.predict(name, instances))
+    accept = request.headers.get("accept", "")
+    if prediction.runtime.encodes_answers:  # mask PNGs: neither the event loop nor the model waits on zlib
+        return await run_in_threadpool(_answer, prediction, accept)
+    return _answer(prediction, accept)
+
+
+def _answer(prediction: Prediction, accept: str) -> Response:
     runtime = prediction.runtime
     headers = model_headers(runtime)
-    file = runtime.native_file(prediction.results, request.headers.get("accept", ""))
+    file = runtime.native_file(prediction.results, accept)
     if file is not None:  # e.g. a U-Net's mask as image/png
         return Response(file[0], media_type=file[1], headers=headers)
     body = {
