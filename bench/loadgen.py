@@ -5,6 +5,8 @@
 asyncio + one ``httpx.AsyncClient`` whose pool holds ``concurrency`` keep-alive connections.
 The multipart bodies (JPEG file ``image`` + text field ``scalar``) are encoded once up front,
 so every system receives byte-identical requests and the client spends its CPU on HTTP only.
+``--bodies DIR`` sends pre-encoded ``*.body`` files instead (the v2 binary-tensor requests), with the
+content type and extra headers ``DIR/headers.json`` names.
 
 Schedule: wait until ``--start-at`` (wall clock, so several load-generator processes start
 together), warm up for ``--warmup`` s, then measure for ``--duration`` s. A request counts
@@ -62,8 +64,15 @@ class Run:
         self.late = 0  # completed after the window (drained, not counted)
 
 
-async def client(idx: int, http: httpx.AsyncClient, url: str, bodies: list[bytes], run: Run) -> None:
-    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}", "accept": "application/json"}
+def load_raw_bodies(folder: Path) -> tuple[list[bytes], dict[str, str]]:
+    files = sorted(folder.glob("*.body"))
+    if not files:
+        raise SystemExit(f"loadgen: no .body files in {folder}")
+    return [f.read_bytes() for f in files], json.loads((folder / "headers.json").read_text())
+
+
+async def client(idx: int, http: httpx.AsyncClient, url: str, bodies: list[bytes], run: Run,
+                 headers: dict[str, str]) -> None:
     k = idx
     while time.perf_counter() < run.end and run.issued < run.max_requests:
         body = bodies[k % len(bodies)]
@@ -94,7 +103,11 @@ async def client(idx: int, http: httpx.AsyncClient, url: str, bodies: list[bytes
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    bodies = load_bodies(args.images, args.scalar)
+    headers = {"content-type": f"multipart/form-data; boundary={BOUNDARY}", "accept": "application/json"}
+    if args.bodies is not None:
+        bodies, headers = load_raw_bodies(args.bodies)
+    else:
+        bodies = load_bodies(args.images, args.scalar)
     # --start-at is wall clock (shared by processes); convert it to this process's perf_counter
     offset = time.perf_counter() - time.time()
     start = max(args.start_at + offset, time.perf_counter()) if args.start_at else time.perf_counter()
@@ -103,7 +116,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     timeout = httpx.Timeout(args.timeout)
     async with httpx.AsyncClient(limits=limits, timeout=timeout, trust_env=False) as http:
-        tasks = [asyncio.create_task(client(i, http, args.url, bodies, run)) for i in range(args.concurrency)]
+        tasks = [asyncio.create_task(client(i, http, args.url, bodies, run, headers)) for i in range(args.concurrency)]
         hard_stop = args.warmup + args.duration + args.drain
         done, pending = await asyncio.wait(tasks, timeout=max(0.0, run.end - time.perf_counter()) + args.drain)
         for t in pending:
@@ -134,7 +147,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", required=True, help="http://127.0.0.1:PORT/path (loopback only)")
-    p.add_argument("--images", type=Path, required=True, help="folder of .jpg payloads")
+    p.add_argument("--images", type=Path, help="folder of .jpg payloads (multipart uploads)")
+    p.add_argument("--bodies", type=Path, help="folder of pre-encoded .body files and headers.json")
     p.add_argument("--scalar", default=None, help="send this text as form field 'scalar'")
     p.add_argument("--concurrency", type=int, default=1)
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds")
@@ -144,6 +158,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=1_000_000)
     p.add_argument("--start-at", type=float, default=0.0, help="wall-clock time.time() to start at")
     args = p.parse_args(argv)
+    if (args.images is None) == (args.bodies is None):
+        p.error("give either --images or --bodies")
     if urlsplit(args.url).hostname != "127.0.0.1" or urlsplit(args.url).scheme != "http":
         p.error("only http://127.0.0.1 targets are allowed")
     if not 1 <= args.concurrency <= MAX_CONCURRENCY:

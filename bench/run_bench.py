@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -26,9 +25,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench import report, servers
+from bench import report, requests_v2, servers
+from bench.probes import batch_sizes, compare_probes, machine_info, mean_batch, probe
 from bench.workload import CONFIGS, SCALAR, Workload, build_workload, make_jpegs, write_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,9 +48,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", help="comma-separated client counts (default 1,4,16,64; quick 1,4)")
     p.add_argument("--client-procs", type=int, default=1, help="load-generator processes per step")
     p.add_argument("--image-size", type=int, help="model input side (default per config: 224/64/256)")
-    p.add_argument("--payload-size", type=int, help="JPEG side sent by clients (default: --image-size)")
+    p.add_argument("--payload-size", type=_payload_size, default=None,
+                   help="JPEG sent by clients: WIDTHxHEIGHT or one side (default 640x480)")
     p.add_argument("--base-channels", type=int, default=16, help="unet width")
     p.add_argument("--ceiling-batches", help="comma-separated batch sizes (default 1,4,8; quick 1,max_batch)")
+    p.add_argument("--ceiling-runs", type=int, choices=[1, 2], default=2,
+                   help="2: before and after the systems (the better counts); 1: before only (faster)")
     p.add_argument("--ceiling-seconds", type=float, help="timed seconds per batch size (default 5; quick 1)")
     p.add_argument("--threads", type=int, help="torch intra-op threads for every server and the ceiling "
                    "(default: torch's default here, i.e. what the service uses unconfigured)")
@@ -65,6 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="MODSERVE_LOG_LEVEL for the service (default warning: no per-request log line, like the "
                         "peers, which run without access logs); info measures it with its JSON request log")
     p.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--tag", default="", help="appended to the result files' names (e.g. the dtype)")
     p.add_argument("--keep-tmp", action="store_true", help="keep the store, payloads and server logs")
     p.add_argument("--quick", action="store_true", help="tiny smoke run")
     a = p.parse_args(argv)
@@ -84,6 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def _payload_size(text: str) -> tuple[int, int]:
+    """'640x480' (width x height) or '224' -> (height, width)."""
+    parts = [int(v) for v in text.lower().split("x")]
+    if len(parts) == 1:
+        return parts[0], parts[0]
+    if len(parts) != 2 or min(parts) < 1:
+        raise argparse.ArgumentTypeError("expected WIDTHxHEIGHT or one side, e.g. 640x480")
+    return parts[1], parts[0]
+
+
 def child_env(threads: int, log_level: str = "warning") -> dict[str, str]:
     """Same thread settings for every server and the ceiling; no inherited MODSERVE_* surprises."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MODSERVE_")}
@@ -92,10 +104,10 @@ def child_env(threads: int, log_level: str = "warning") -> dict[str, str]:
     return env
 
 
-def run_ceiling(args: argparse.Namespace, store: Path, wl: Workload) -> dict[str, Any]:
+def run_ceiling(args: argparse.Namespace, store: Path, wl: Workload, payload: Path) -> dict[str, Any]:
     cmd = [PY, "-m", "bench.ceiling", "--store", str(store), "--model", wl.model, "--device", args.device,
            "--threads", str(args.threads), "--batch-sizes", args.ceiling_batches,
-           "--seconds", str(args.ceiling_seconds)]
+           "--seconds", str(args.ceiling_seconds), "--payload", str(payload)]
     out = subprocess.run(cmd, cwd=ROOT, env=child_env(args.threads), capture_output=True, text=True,
                          timeout=1800)
     if out.returncode != 0:
@@ -106,9 +118,10 @@ def run_ceiling(args: argparse.Namespace, store: Path, wl: Workload) -> dict[str
 def system_spec(name: str, args: argparse.Namespace, store: Path, wl: Workload, port: int
                 ) -> tuple[list[str], str, str]:
     """(command, readiness path, predict path) for one system under test."""
-    if name == "service":
+    if name in ("service", "service_v2"):
+        path = f"/v2/models/{wl.model}/infer" if name == "service_v2" else f"/v1/models/{wl.model}/predict"
         return ([PY, "-m", "app", "--store", str(store), "--port", str(port), "--device", args.device],
-                "/v2/health/ready", f"/v1/models/{wl.model}/predict")
+                "/v2/health/ready", path)
     cmd = [PY, "-m", "bench.peers", name, "--store", str(store), "--model", wl.model, "--port", str(port),
            "--device", args.device, "--threads", str(args.threads),
            "--max-batch-size", str(args.max_batch_size), "--batch-timeout-ms", str(args.max_batch_delay_ms),
@@ -116,32 +129,7 @@ def system_spec(name: str, args: argparse.Namespace, store: Path, wl: Workload, 
     return cmd, "/health", "/predict"
 
 
-def probe(url: str, image: Path, scalar: str | None) -> dict[str, Any]:
-    files = {"image": (image.name, image.read_bytes(), "image/jpeg")}
-    data = {"scalar": scalar} if scalar is not None else None
-    with httpx.Client(timeout=120, trust_env=False) as http:
-        resp = http.post(url, files=files, data=data)
-    out: dict[str, Any] = {"status": resp.status_code}
-    if resp.status_code == 200:
-        pred = resp.json()["predictions"][0]
-        out["probs"] = pred.get("probs")
-    else:
-        out["body"] = resp.text[:500]
-    return out
-
-
-def batch_sizes(server: servers.Server, model: str) -> dict[str, int]:
-    with httpx.Client(timeout=30, trust_env=False) as http:
-        return http.get(f"{server.base}/v1/models/{model}").json()["batching"]["batch_sizes"]
-
-
-def mean_batch(before: dict[str, int], after: dict[str, int]) -> float | None:
-    diff = {int(k): v - before.get(k, 0) for k, v in after.items()}
-    batches = sum(diff.values())
-    return sum(k * v for k, v in diff.items()) / batches if batches else None
-
-
-def run_step(args: argparse.Namespace, url: str, conc: int, images: Path, scalar: str | None) -> dict[str, Any]:
+def run_step(args: argparse.Namespace, url: str, conc: int, source: list[str]) -> dict[str, Any]:
     procs = max(1, min(args.client_procs, conc))
     split = [conc // procs + (1 if i < conc % procs else 0) for i in range(procs)]
     start_at = time.time() + 2.0 + 0.3 * procs
@@ -149,11 +137,9 @@ def run_step(args: argparse.Namespace, url: str, conc: int, images: Path, scalar
     env = child_env(1)
     children = []
     for share in split:
-        cmd = [PY, "-m", "bench.loadgen", "--url", url, "--images", str(images), "--concurrency", str(share),
+        cmd = [PY, "-m", "bench.loadgen", "--url", url, *source, "--concurrency", str(share),
                "--duration", str(args.duration), "--warmup", str(args.warmup), "--drain", str(drain),
                "--start-at", repr(start_at)]
-        if scalar is not None:
-            cmd += ["--scalar", scalar]
         children.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                          stderr=subprocess.PIPE, text=True))
     limit = start_at - time.time() + args.warmup + args.duration + drain + 60
@@ -176,18 +162,22 @@ def bench_system(name: str, args: argparse.Namespace, store: Path, wl: Workload,
     used_ports.add(port)
     cmd, ready_path, predict_path = system_spec(name, args, store, wl, port)
     scalar = SCALAR if wl.takes_extra else None
-    env = child_env(args.threads, args.service_log_level if name == "service" else "warning")
+    env = child_env(args.threads, args.service_log_level if name.startswith("service") else "warning")
+    source = ["--images", str(images)] + (["--scalar", scalar] if scalar is not None else [])
+    if name == "service_v2":
+        bodies = requests_v2.write_bodies(tmp / "v2-bodies", sorted(images.glob("*.jpg")), store, wl.model, scalar)
+        source = ["--bodies", str(bodies)]
     server = servers.start_server(name, cmd, port, env, tmp, ROOT)
     try:
         ready_s = servers.wait_ready(server, ready_path)
         url = server.base + predict_path
-        probe_out = probe(url, payload, scalar)
+        probe_out = requests_v2.probe(url, bodies) if name == "service_v2" else probe(url, payload, scalar)
         print(f"bench: {wl.config}/{name} ready on :{port} in {ready_s:.1f} s; probe HTTP {probe_out['status']}",
               flush=True)
         steps = []
         for conc in args.concurrency:
-            before = batch_sizes(server, wl.model) if name == "service" else None
-            step = run_step(args, url, conc, images, scalar)
+            before = batch_sizes(server, wl.model) if name.startswith("service") else None
+            step = run_step(args, url, conc, source)
             if before is not None:
                 step["mean_batch"] = mean_batch(before, batch_sizes(server, wl.model))
             steps.append(step)
@@ -217,7 +207,7 @@ def bench_config(config: str, args: argparse.Namespace, stamp: str) -> dict[str,
     ok = False
     try:
         print(f"bench: {config}: ceiling ({args.ceiling_batches}, {args.threads} threads)", flush=True)
-        ceilings = [run_ceiling(args, store, wl)]
+        ceilings = [run_ceiling(args, store, wl, payloads[0])]
         used: set[int] = set()
         for name in args.systems:
             try:
@@ -226,8 +216,9 @@ def bench_config(config: str, args: argparse.Namespace, stamp: str) -> dict[str,
             except Exception as exc:  # one failing peer must not lose the other measurements
                 print(f"bench: {config}/{name} FAILED: {exc}", file=sys.stderr, flush=True)
                 result["systems"][name] = {"error": str(exc)[-3000:], "steps": []}
-        print(f"bench: {config}: ceiling again (the best of both runs is the ceiling)", flush=True)
-        ceilings.append(run_ceiling(args, store, wl))
+        if args.ceiling_runs == 2:
+            print(f"bench: {config}: ceiling again (the best of both runs is the ceiling)", flush=True)
+            ceilings.append(run_ceiling(args, store, wl, payloads[0]))
         result["ceiling_runs"], result["ceiling"] = ceilings, report.merge_ceilings(ceilings)
         ok = all("error" not in result["systems"][n] and result["probe"].get(n, {}).get("status") == 200
                  and not any(s["errors"] for s in result["systems"][n]["steps"]) for n in args.systems)
@@ -239,28 +230,6 @@ def bench_config(config: str, args: argparse.Namespace, stamp: str) -> dict[str,
             shutil.rmtree(tmp, ignore_errors=True)
     compare_probes(result)
     return report.add_ratios(result)
-
-
-def compare_probes(result: dict[str, Any]) -> None:
-    ref = (result["probe"].get("service") or {}).get("probs")
-    for name, out in result["probe"].items():
-        probs = out.pop("probs", None)
-        if ref is not None and probs is not None and name != "service":
-            out["max_abs_diff_vs_service"] = max(abs(a - b) for a, b in zip(ref, probs))
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    try:
-        from importlib.metadata import version
-
-        lit = version("litserve")
-    except Exception:
-        lit = None
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "torch": torch.__version__, "litserve": lit, "loadavg_start": os.getloadavg(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def _interrupted(signum: int, frame: Any) -> None:
@@ -278,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for config in args.config:
         result = bench_config(config, args, stamp)
-        base = args.out_dir / f"{config}-{args.device}-{stamp}{'-quick' if args.quick else ''}"
+        tag = f"-{args.tag}" if args.tag else ""
+        base = args.out_dir / f"{config}-{args.device}{tag}-{stamp}{'-quick' if args.quick else ''}"
         result["plot"] = base.with_suffix(".png").name
         report.plot(result, base.with_suffix(".png"))
         report.write_json(result, base.with_suffix(".json"))

@@ -24,6 +24,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # for completeness: a narrow U-Net at 256 x 256 (mask PNG answers)
     "unet": {"model": "unet256", "base": "unet", "size": 256},
 }
+PAYLOAD_SIZE = (480, 640)
+"""(height, width) of the JPEG uploads by default: a 640 x 480 photo (issue 16's targets)."""
 SCALAR = "0.5"
 """Scalar sent with every request to the extra-input models (form field ``scalar``)."""
 
@@ -64,9 +66,10 @@ def build_workload(
     max_batch_size: int,
     max_batch_delay_ms: float,
     image_size: int | None,
-    payload_size: int | None,
+    payload_size: int | tuple[int, int] | None,
     base_channels: int,
 ) -> Workload:
+    """``payload_size``: the JPEG's (height, width), or one side for a square; None: 480 x 640."""
     from app import nets
     from app.demo.store import demo_configs
 
@@ -90,13 +93,13 @@ def build_workload(
         "max_batch_delay_ms": float(max_batch_delay_ms),
     }
     net = nets.net_spec(toml["architecture"])
-    psize = payload_size or side
+    psize = payload_size or PAYLOAD_SIZE
     return Workload(
         config=config,
         model=spec["model"],
         toml=toml,
         size=(side, side),
-        payload_size=(psize, psize),
+        payload_size=psize if isinstance(psize, tuple) else (psize, psize),
         takes_extra=net.takes_extra,
         task=net.task,
     )

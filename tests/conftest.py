@@ -9,9 +9,10 @@ import pytest
 from support.models import image_bytes, write_small_store
 
 TESTS = Path(__file__).resolve().parent
-TIERS = ("unit", "api", "e2e", "deploy")
+TIERS = ("unit", "api", "e2e", "deploy", "gpu")
 """Tiers mirror the folders: unit (no server), api (the app with its lifespan, in process),
-e2e (a real uvicorn process and real clients), deploy (deployment files and images)."""
+e2e (a real uvicorn process and real clients), deploy (deployment files and images), gpu (CUDA work,
+skipped without a CUDA device: ``pytest -m gpu``)."""
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
