@@ -17,7 +17,7 @@ def _serve(args: argparse.Namespace) -> int:
     from app.server import serve
 
     overrides = {k: v for k, v in {
-        "store": args.store, "host": args.host, "port": args.port, "device": args.device,
+        "store": args.store, "host": args.host, "port": args.port, "device": args.device, "workers": args.workers,
     }.items() if v is not None}
     try:
         settings = Settings(**overrides)  # flags win over MODSERVE_* variables
@@ -33,6 +33,10 @@ def _serve(args: argparse.Namespace) -> int:
         ensure_demo_store(settings.store)
     print(f"modserve: serving {settings.store} on http://{settings.host}:{settings.port} "
           f"(API docs at http://{settings.host}:{settings.port}/docs)", flush=True)
+    if settings.workers > 1:
+        from app.workers.supervisor import serve_workers
+
+        return serve_workers(settings)
     serve(create_app(settings), settings)
     return 0
 
@@ -73,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="bind address (MODSERVE_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (MODSERVE_PORT, default 8000)")
     serve.add_argument("--device", help="auto, cpu, cuda or cuda:N (MODSERVE_DEVICE)")
+    serve.add_argument("--workers", type=int,
+                       help="HTTP processes; 2 or more add one device process that runs the models (MODSERVE_WORKERS)")
     serve.add_argument("--demo-if-empty", action="store_true",
                        help="write the demo store first when the store holds no models")
     serve.set_defaults(func=_serve)

@@ -39,6 +39,13 @@ class Settings(BaseSettings):
     strict_readiness: bool = False
     """Readiness rule. Strict: every model in the store that should serve is serving. Not strict
     (default): at least one model serves and none is still loading for the first time."""
+    workers: int = Field(1, ge=1, le=64)
+    """HTTP processes. 1: one process parses requests and runs the models. N >= 2: N HTTP processes
+    share the port and one device process holds the models and batchers (docs/workers.md)."""
+    run_dir: Path | None = None
+    """With workers >= 2, the folder where the server's processes meet: request and result payloads
+    (shared memory), the device process's socket, the model-state snapshot and the metrics files.
+    Unset: a new folder under /dev/shm, removed at exit."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] | None = None
     """One JSON object per line (for log pipelines), or plain text; unset: text when stderr is a

@@ -172,5 +172,33 @@ class ConfigError(ServiceError):
     status_code = 422
 
 
+class StaleModel(ServiceError):
+    """Items prepared for a model version that another process has replaced since: prepare again."""
+
+    status_code = 503
+
+
+class DeviceUnavailable(Overloaded):
+    """The device process is not reachable (it is restarting): retry shortly."""
+
+
+def to_wire(exc: ServiceError) -> dict[str, Any]:
+    """An error as plain data, to cross from the device process to an HTTP process."""
+    return {"type": type(exc).__name__, "message": exc.message, "status": exc.status_code,
+            "extra": exc.extra, "headers": exc.headers}
+
+
+def from_wire(doc: dict[str, Any]) -> ServiceError:
+    """The same error type again (ServiceError for a name this module does not define)."""
+    cls = globals().get(str(doc.get("type")))
+    if not (isinstance(cls, type) and issubclass(cls, ServiceError)):
+        cls = ServiceError
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, doc.get("message", ""))
+    exc.message, exc.status_code = str(doc.get("message", "")), int(doc.get("status", 500))
+    exc.extra, exc.headers = dict(doc.get("extra") or {}), dict(doc.get("headers") or {})
+    return exc
+
+
 class DemoModelsError(RuntimeError):
     """The committed demo checkpoints are missing, altered or unreadable (a packaging fault)."""

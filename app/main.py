@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,29 +24,39 @@ from app.registry import ModelRegistry
 from app.service import InferenceService
 from app.store import ModelStore
 
+if TYPE_CHECKING:
+    from app.workers.worker import WorkerSetup
+
 log = logging.getLogger("modserve")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, worker: WorkerSetup | None = None) -> FastAPI:
+    """The service. With ``worker`` set it is one of several HTTP processes: its registry mirrors
+    the device process's, and its batches run there (app/workers)."""
     settings = settings or get_settings()
-    state = ServerState()
-    metrics = Metrics()
+    state = ServerState(*worker.slots) if worker is not None else ServerState()
+    metrics = Metrics(aggregate=worker is not None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = ModelStore(settings.store)
-        store.clear_staging()
-        registry = ModelRegistry(store, settings)
+        if worker is None:
+            store.clear_staging()
+            registry: ModelRegistry = ModelRegistry(store, settings)
+        else:
+            registry = await worker.open_registry(store)  # type: ignore[assignment]
+            state.probe = registry.down_reason  # type: ignore[attr-defined]
         metrics.attach(registry)
         service = InferenceService(registry, settings, state, metrics)
         app.state.settings, app.state.registry, app.state.service = settings, registry, service
         app.state.admin = AdminService(registry, store)
-        names = store.names()
-        if not names:
-            log.warning("no models in store %s: serving with none", settings.store)
-        await registry.load_all()
-        ready = sum(v.ready for v in registry.views())
-        log.info("modserve ready: %d of %d model(s) serving", ready, len(names))
+        if worker is None:
+            names = store.names()
+            if not names:
+                log.warning("no models in store %s: serving with none", settings.store)
+            await registry.load_all()
+            ready = sum(v.ready for v in registry.views())
+            log.info("modserve ready: %d of %d model(s) serving", ready, len(names))
         try:
             yield
         finally:

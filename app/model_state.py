@@ -113,3 +113,21 @@ def view_of(status: ModelStatus) -> ModelView:
         runtime=live.runtime if live is not None else None,
         queue_depth=live.batcher.queue_depth if live is not None else 0, batching=batching,
     )
+
+
+def readiness(views: list[ModelView], strict: bool) -> list[ModelView]:
+    """The models that keep the server from being ready (empty: ready).
+
+    Models unloaded on purpose do not count. Strict: every other model must serve.
+    Not strict: at least one of them serves and none is still loading for the first time.
+    """
+    wanted = [s for s in views if s.state != UNLOADED]
+    waiting = [s for s in wanted if not s.ready]
+    if strict:
+        return waiting
+    loading = [s for s in waiting if s.state == LOADING]
+    if loading:
+        return loading
+    if wanted and len(waiting) == len(wanted):
+        return waiting
+    return []

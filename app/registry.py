@@ -29,6 +29,7 @@ from app.model_state import (
     ModelState,
     ModelStatus,
     ModelView,
+    readiness,
     view_of,
 )
 from app.runtime.base import ModelRuntime
@@ -86,21 +87,8 @@ class ModelRegistry:
         return all(s.state == READY for s in self._status.values())
 
     def readiness(self, strict: bool) -> list[ModelView]:
-        """The models that keep the server from being ready (empty: ready).
-
-        Models unloaded on purpose do not count. Strict: every other model must serve.
-        Not strict: at least one of them serves and none is still loading for the first time.
-        """
-        wanted = [s for s in self.views() if s.state != UNLOADED]
-        waiting = [s for s in wanted if not s.ready]
-        if strict:
-            return waiting
-        loading = [s for s in waiting if s.state == LOADING]
-        if loading:
-            return loading
-        if wanted and len(waiting) == len(wanted):
-            return waiting
-        return []
+        """The models that keep the server from being ready (empty: ready)."""
+        return readiness(self.views(), strict)
 
     def get(self, name: str, version: str | None = None) -> LiveModel:
         status = self.status(name)
@@ -128,9 +116,13 @@ class ModelRegistry:
 
     # ---- lifecycle ---------------------------------------------------------------
 
-    async def load_all(self) -> None:
+    def discover(self) -> None:
+        """List every model of the store (LOADING until its first load ends)."""
         for name in self.store.names():
             self._status.setdefault(name, ModelStatus(name))
+
+    async def load_all(self) -> None:
+        self.discover()
         for name in self.store.names():
             try:
                 await self.load(name)

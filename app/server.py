@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -34,7 +35,7 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = True
 
 
-def serve(app: FastAPI, settings: Settings) -> None:
+def serve(app: FastAPI, settings: Settings, sockets: list[socket.socket] | None = None) -> None:
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -46,4 +47,4 @@ def serve(app: FastAPI, settings: Settings) -> None:
         timeout_keep_alive=int(max(1, round(settings.keep_alive_timeout))),
         http=protocol_for(settings),
     )
-    DrainingServer(config, app).run()
+    DrainingServer(config, app).run(sockets=sockets)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from app.config import Settings
-from app.errors import InvalidInput, Overloaded, PayloadTooLarge
+from app.errors import InvalidInput, Overloaded, PayloadTooLarge, StaleModel
 from app.lifecycle import ServerState
 from app.observability.context import current, note_model
 from app.observability.metrics import Metrics
@@ -72,15 +72,19 @@ class InferenceService:
     ) -> Prediction:
         """Run ``instances`` through the model; holds one of the server's inference slots meanwhile
         (taken here, after the body is in, so slow senders never hold one)."""
-        if self.state.inflight >= self.settings.max_concurrency:
+        if not self.state.take_slot(self.settings.max_concurrency):
             raise Overloaded(
                 f"server is at its concurrency limit ({self.settings.max_concurrency}); retry later"
             )
-        self.state.inflight += 1
         try:
-            return await self._predict(name, instances, outputs, version, timeout_ms)
+            for _ in range(3):  # another process swapped the model meanwhile: prepare for the new one
+                try:
+                    return await self._predict(name, instances, outputs, version, timeout_ms)
+                except StaleModel:
+                    continue
+            raise Overloaded(f"model {name} is being reloaded; retry", retry_after=1)
         finally:
-            self.state.inflight -= 1
+            self.state.release_slot()
 
     async def _predict(
         self, name: str, instances: Sequence[Instance], outputs: frozenset[str] | None,
@@ -153,7 +157,7 @@ class InferenceService:
             image, size = runtime.tensor_input(inst.tensor), None
         elif inst.image is not None:
             runtime.check_image_size(*inst.image.shape[-2:], preprocessed=True)
-            image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32)).to(runtime.device)
+            image = torch.from_numpy(np.ascontiguousarray(inst.image, dtype=np.float32))  # to the device with its batch
             size = None
         else:
             raise InvalidInput("missing input: an image or a tensor")

@@ -22,6 +22,6 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
 echo "modserve: installing into .venv (first time takes a few minutes: torch is large)" >&2
-.venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".${extras:+[$extras]}"
+.venv/bin/python -m pip install --quiet --no-cache-dir --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install --quiet --no-cache-dir --disable-pip-version-check -e ".${extras:+[$extras]}"
 echo "$want" > "$stamp"

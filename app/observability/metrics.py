@@ -2,8 +2,10 @@
 
 One registry per app (tests build many apps in one process). Gauges that
 describe current state (queue depth, model info, GPU memory) are read at
-scrape time from the registry rather than kept in sync by hand. The service
-runs one process per device, so no multiprocess mode is needed.
+scrape time from the registry rather than kept in sync by hand. With several
+HTTP processes (``MODSERVE_WORKERS``) every process writes its counts to files
+(prometheus-client's multiprocess mode, set up by the supervisor) and a scrape
+of any HTTP process sums them all.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -41,24 +44,35 @@ class _StateCollector(Collector):
             depth.add_metric([view.name], view.queue_depth)
             info.add_metric([rt.name, rt.version, rt.sha256[:12], str(rt.device), rt.dtype_name], 1.0)
         yield from (depth, info, ready)
-        yield from _gpu_memory()
+        # an HTTP process reads the device process's figures from its snapshot, never its own CUDA
+        gpu = getattr(self.registry, "gpu", None)
+        yield from _gpu_memory(_local_gpu_memory() if gpu is None else gpu)
 
 
-def _gpu_memory() -> Iterator[Metric]:
+def _local_gpu_memory() -> list[tuple[str, int, int]]:
     import torch
 
     if not torch.cuda.is_available():
+        return []
+    return [(f"cuda:{i}", torch.cuda.memory_allocated(i), torch.cuda.memory_reserved(i))
+            for i in range(torch.cuda.device_count())]
+
+
+def _gpu_memory(figures: list[tuple[str, int, int]]) -> Iterator[Metric]:
+    if not figures:
         return
     allocated = GaugeMetricFamily("modserve_gpu_memory_allocated_bytes", "torch allocated memory", labels=["device"])
     reserved = GaugeMetricFamily("modserve_gpu_memory_reserved_bytes", "torch reserved memory", labels=["device"])
-    for i in range(torch.cuda.device_count()):
-        allocated.add_metric([f"cuda:{i}"], torch.cuda.memory_allocated(i))
-        reserved.add_metric([f"cuda:{i}"], torch.cuda.memory_reserved(i))
+    for device, used, held in figures:
+        allocated.add_metric([device], used)
+        reserved.add_metric([device], held)
     yield from (allocated, reserved)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, *, aggregate: bool = False) -> None:
+        self.aggregate = aggregate
+        """Render every process's counts (multiprocess mode) instead of this process's own."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -109,4 +123,9 @@ class Metrics:
             self.load_duration.labels(model).observe(seconds)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if not self.aggregate:
+            return generate_latest(self.registry)
+        every = CollectorRegistry()
+        MultiProcessCollector(every)
+        every.register(self._state)
+        return generate_latest(every)

@@ -1,0 +1,159 @@
+"""The registry as an HTTP process sees it: the device process's snapshot, and remote batches.
+
+Same queries as ``ModelRegistry`` (listings, metadata, readiness, leases), answered from the
+latest ``state.json`` (re-read whenever the file changed, a stat per query). A lease hands out
+the model's weightless runtime with a batcher that sends the items to the device process. Loads
+and unloads are done by the device process; the snapshot it writes before answering is read
+here before this process answers in turn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from app.batching import BatchPolicy, BatchStats
+from app.errors import ModelNotFound, ModelNotReady, StaleModel
+from app.model_state import LiveModel, ModelState, ModelStatus, ModelView, readiness
+from app.runtime.base import InferenceItem, ModelRuntime
+from app.store import ModelStore
+from app.workers.link import DeviceLink
+from app.workers.snapshot import read_snapshot, weightless_runtime
+
+
+class RemoteBatcher:
+    """Stands in for the model's DynamicBatcher: the batch forms in the device process."""
+
+    def __init__(self, link: DeviceLink, runtime: ModelRuntime, batching: dict[str, Any] | None) -> None:
+        self.link, self.runtime = link, runtime
+        b = batching or {}
+        rt = runtime.config.runtime
+        self.policy = BatchPolicy(rt.max_batch_size, rt.max_batch_delay_ms, rt.max_queue_size, rt.adaptive_batch_delay)
+        self.stats = BatchStats(b.get("batches_run", 0), b.get("items_run", 0))
+        self.queue_depth = int(b.get("queue_depth", 0))
+
+    async def submit_many(self, items: list[InferenceItem], *, deadline: float | None = None) -> list[dict[str, np.ndarray]]:
+        return await self.link.infer(self.runtime.name, self.runtime.version, items, deadline)
+
+
+class MirrorRegistry:
+    def __init__(self, snapshot: Path, link: DeviceLink, store: ModelStore) -> None:
+        self.snapshot_path, self.link, self.store = snapshot, link, store
+        self._identity: tuple[int, int] | None = None
+        self._status: dict[str, ModelStatus] = {}
+        self._views: dict[str, ModelView] = {}
+        self._runtimes: dict[tuple[str, str, str], ModelRuntime] = {}
+        self.fatal: str | None = None
+        self.gpu: list[list[Any]] = []
+
+    # ---- the snapshot ------------------------------------------------------------
+
+    def refresh(self) -> None:
+        read = read_snapshot(self.snapshot_path)
+        if read is None or read[0] == self._identity:
+            return
+        self._identity, doc = read
+        self.fatal, self.gpu = doc.get("fatal"), doc.get("gpu_memory") or []
+        status, views, runtimes = {}, {}, {}
+        for m in doc.get("models", []):
+            runtime = None
+            if m.get("runtime") is not None:
+                card = m["runtime"]
+                key = (m["name"], card["version"], card["sha256"] + str(m.get("loaded_at")))
+                runtime = self._runtimes.get(key) or weightless_runtime(m["name"], card)
+                runtimes[key] = runtime
+            live = LiveModel(runtime, RemoteBatcher(self.link, runtime, m.get("batching"))) if runtime else None  # type: ignore[arg-type]
+            status[m["name"]] = ModelStatus(
+                m["name"], ModelState(m["state"]), m.get("version"), m.get("reason"), m.get("last_error"),
+                live, m.get("loaded_at"), list(m.get("warnings") or []),
+            )
+            views[m["name"]] = ModelView(
+                m["name"], ModelState(m["state"]), m.get("version"), m.get("reason"), m.get("last_error"),
+                tuple(m.get("warnings") or ()), runtime, int(m.get("queue_depth") or 0), m.get("batching"),
+            )
+        self._status, self._views, self._runtimes = status, views, runtimes
+
+    def down_reason(self) -> str | None:
+        """Liveness: the device process is unreachable or hit an unrecoverable device error."""
+        reason = self.link.down_reason()
+        if reason is not None:
+            return reason
+        self.refresh()
+        return self.fatal
+
+    # ---- the queries of ModelRegistry ------------------------------------------------
+
+    def subscribe(self, listener: Any) -> None:
+        """Model events happen in the device process, whose listeners count them."""
+
+    def statuses(self) -> list[ModelStatus]:
+        self.refresh()
+        return [self._status[n] for n in sorted(self._status)]
+
+    def views(self) -> list[ModelView]:
+        self.refresh()
+        return [self._views[n] for n in sorted(self._views)]
+
+    def view(self, name: str) -> ModelView:
+        self.refresh()
+        try:
+            return self._views[name]
+        except KeyError:
+            raise ModelNotFound(f"model {name!r} not found") from None
+
+    def status(self, name: str) -> ModelStatus:
+        self.refresh()
+        try:
+            return self._status[name]
+        except KeyError:
+            raise ModelNotFound(f"model {name!r} not found") from None
+
+    def all_ready(self) -> bool:
+        return all(v.ready for v in self.views())
+
+    def readiness(self, strict: bool) -> list[ModelView]:
+        return readiness(self.views(), strict)
+
+    def get(self, name: str, version: str | None = None) -> LiveModel:
+        status = self.status(name)
+        if status.live is None:
+            reason = status.reason or status.state.lower()
+            raise ModelNotReady(f"model {name!r} is not ready: {reason}", reason=reason)
+        if version is not None and version != status.live.runtime.version:
+            raise ModelNotFound(
+                f"model {name!r} version {version} is not loaded (serving version {status.live.runtime.version})"
+            )
+        return status.live
+
+    @asynccontextmanager
+    async def lease(self, name: str, version: str | None = None) -> AsyncIterator[LiveModel]:
+        """The model as last seen; the device process answers StaleModel when it has swapped it
+        since, and the service then prepares the request again for the new one."""
+        live = self.get(name, version)
+        try:
+            yield live
+        except StaleModel:
+            self._identity = None  # read the snapshot again, even if its stat looks the same
+            raise
+
+    def mark_unavailable(self, name: str, live: LiveModel, reason: str) -> None:
+        """The device process takes a failed model out of service itself."""
+
+    # ---- admin: done by the device process ----------------------------------------------
+
+    async def load(self, name: str, version: str | None = None) -> ModelStatus:
+        await self.link.call({"op": "load", "name": name, "version": version})
+        self._identity = None
+        return self.status(name)
+
+    async def unload(self, name: str) -> ModelStatus:
+        await self.link.call({"op": "unload", "name": name})
+        self._identity = None
+        return self.status(name)
+
+    async def close(self) -> None:
+        await self.link.close()

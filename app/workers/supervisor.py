@@ -1,0 +1,141 @@
+"""``--workers N``: start the device process and N HTTP processes, restart any that dies, and
+stop them in order on SIGTERM (HTTP processes drain first, then the device process).
+
+The listening socket is bound here and shared by the HTTP processes (one accept queue, so an
+idle process takes the next connection). Children are started with ``spawn``: no process
+inherits a half-initialised torch or CUDA state from a fork.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import time
+from multiprocessing.connection import wait
+from multiprocessing.process import BaseProcess
+from types import FrameType
+from typing import Any
+
+from app.config import Settings
+from app.store import ModelStore
+from app.workers.device import device_main
+from app.workers.run_dir import RunDir
+from app.workers.worker import worker_main
+
+log = logging.getLogger("modserve.supervisor")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(address)
+    sock.set_inheritable(True)
+    return sock
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, run: RunDir, sock: socket.socket) -> None:
+        self.settings, self.run, self.sock = settings, run, sock
+        self.ctx = multiprocessing.get_context("spawn")
+        self.slots = self.ctx.Array("i", settings.workers)
+        self.device: BaseProcess | None = None
+        self.workers: list[BaseProcess | None] = [None] * settings.workers
+        self.stopping = False
+        self._device_starts: list[float] = []
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        if not self.stopping:
+            log.info("signal %s: draining %d HTTP process(es), then the device process", sig, len(self.workers))
+        self.stopping = True
+
+    def _start_device(self) -> None:
+        now = time.monotonic()
+        self._device_starts = [t for t in self._device_starts if now - t < 60] + [now]
+        if len(self._device_starts) > 5:  # crashing at start: do not spin
+            time.sleep(5)
+        self.device = self.ctx.Process(target=device_main, args=(self.settings, self.run), name="modserve-device")
+        self.device.start()
+        log.info("device process %d started", self.device.pid)
+
+    def _start_worker(self, index: int) -> None:
+        with self.slots.get_lock():
+            self.slots[index] = 0  # a dead process's inference slots are free again
+        proc = self.ctx.Process(target=worker_main, name=f"modserve-http-{index}",
+                                args=(self.settings, self.run, index, self.sock, self.slots))
+        proc.start()
+        self.workers[index] = proc
+
+    def _write_pids(self) -> None:
+        self.run.write_pids(os.getpid(), self.device.pid if self.device else None,
+                            [w.pid if w else None for w in self.workers])
+
+    def run_forever(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        self._start_device()
+        for i in range(len(self.workers)):
+            self._start_worker(i)
+        self._write_pids()
+        while not self.stopping:
+            wait([p.sentinel for p in (self.device, *self.workers) if p is not None], timeout=0.5)
+            if self.stopping:
+                break
+            changed = False
+            if self.device is not None and not self.device.is_alive():
+                log.error("device process %d exited with %s; restarting it", self.device.pid, self.device.exitcode)
+                self._start_device()
+                changed = True
+            for i, proc in enumerate(self.workers):
+                if proc is not None and not proc.is_alive():
+                    removed = self.run.payload.sweep(proc.pid or 0)
+                    log.error("HTTP process %d exited with %s (%d payload file(s) removed); restarting it",
+                              proc.pid, proc.exitcode, removed)
+                    self._start_worker(i)
+                    changed = True
+            if changed:
+                self._write_pids()
+        return self._shutdown()
+
+    def _shutdown(self) -> int:
+        grace = self.settings.graceful_timeout + 10
+        for proc in self.workers:
+            if proc is not None and proc.is_alive():
+                proc.terminate()  # SIGTERM: the process drains (app/server.py)
+        _join(self.workers, grace)
+        self.sock.close()
+        if self.device is not None and self.device.is_alive():
+            self.device.terminate()
+        _join([self.device], 30)
+        codes = [p.exitcode for p in (*self.workers, self.device) if p is not None]
+        log.info("all processes stopped (exit codes %s)", codes)
+        return 0 if all(c == 0 for c in codes) else 1
+
+
+def _join(procs: list[Any], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    for proc in procs:
+        if proc is None:
+            continue
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            log.error("process %d did not stop in time; killing it", proc.pid)
+            proc.kill()
+            proc.join(5)
+
+
+def serve_workers(settings: Settings) -> int:
+    run = RunDir.create(settings.run_dir, settings.port)
+    # before any child imports prometheus_client: every process then counts into files there
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run.metrics)
+    ModelStore(settings.store).clear_staging()  # once, here: an HTTP process restarted later must not remove an upload in progress
+    sock = bind(settings.host, settings.port)
+    try:
+        return Supervisor(settings, run, sock).run_forever()
+    finally:
+        sock.close()
+        if settings.run_dir is None:
+            run.remove()

@@ -1,0 +1,364 @@
+"""Failure modes of the multi-process server (``MODSERVE_WORKERS=2``, issue 17), on real processes:
+
+- a worker SIGKILLed while its request is in the device process: that client's connection drops, a
+  request on the other worker is answered, the supervisor starts a replacement, no payload is left;
+- SIGTERM to the whole process group drains a request in flight and exits 0;
+- a client trickling its head, then its body, a byte at a time does not stop its own worker (nor the
+  other) from answering;
+- 10,000 requests (valid images, undecodable ones, clients that hang up mid-body or before the answer)
+  leave no file in ``payload/`` and nothing of it mapped or open in any process;
+- the device process SIGKILLed: every HTTP process reports not live (503) and refuses inference
+  (503) until the supervisor has restarted it, then live, ready and correct again.
+
+Two servers: ``slow`` (every forward sleeps 1 s, so a request can be caught inside the device process)
+and ``fast``. Which worker holds a connection is read from /proc, never assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from app.store.writer import write_model
+from support.models import build_small, image_bytes, small_configs
+from support.workers import (
+    ARCH, ATOL, Deployment, alive, connect, connect_to_worker, connection_owner, expected_probs,
+    multipart_request, one_metric, payload_files, payload_references, pids_of, predict, probs_of, read_response,
+    read_until_closed, run_dir_entries, serve_workers, shm_folder, wait_until,
+)
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "cls"
+PATH = f"/v1/models/{MODEL}/predict"
+
+
+def _store(root: Path) -> Path:
+    write_model(root, MODEL, small_configs()[ARCH], build_small(ARCH, seed=0).state_dict())
+    return root
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _store(tmp_path_factory.mktemp("failures-store"))
+
+
+@pytest.fixture(scope="module")
+def slow(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    env = {"MODSERVE_FAULT_INJECTION": "sleep_ms=1000", "MODSERVE_GRACEFUL_TIMEOUT": "30"}
+    with shm_folder("modserve-e2e-slow-") as shm, serve_workers(
+        store, tmp_path_factory.mktemp("slow-logs"), shm / "run", workers=2, env=env, via="env",
+    ) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def fast(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    with shm_folder("modserve-e2e-fast-") as shm, serve_workers(
+        store, tmp_path_factory.mktemp("fast-logs"), shm / "run", workers=2, via="env",
+    ) as deployment:
+        yield deployment
+
+
+def _all_pids(dep: Deployment) -> list[int]:
+    pids = dep.pids()
+    return [pids["supervisor"], pids["device"], *pids["workers"]]
+
+
+def _no_payload_left(dep: Deployment) -> None:
+    wait_until(lambda: dep.payload_files() == [], "payload/ to be empty", timeout=30)
+    assert dep.payload_files() == []
+    assert payload_references(_all_pids(dep), dep.run_dir) == []
+
+
+def _five_xx(dep: Deployment) -> float:
+    text = httpx.get(dep.server.url + "/metrics", timeout=30).text
+    return sum(one_metric(text, "modserve_requests_total", model=MODEL, family="native", code=code)
+               for code in ("500", "502", "503", "504"))
+
+
+# ---- a worker killed in the middle of a request (slow server) -------------------------------------------
+
+
+def test_worker_killed_mid_request(slow: Deployment) -> None:
+    before = slow.pids()
+    image = image_bytes(40, 30, seed=1)
+    want = expected_probs([image])[0]
+    head, body = multipart_request(PATH, image)
+
+    victim_sock, victim = connect_to_worker(slow, lambda pid: True, "any worker")
+    other_sock, other = connect_to_worker(slow, lambda pid: pid != victim, "the other worker")
+    with victim_sock, other_sock:
+        victim_sock.sendall(head + body)
+        wait_until(slow.payload_files, "the request's payload to reach the device process", interval=0.01)
+        other_sock.sendall(head + body)  # the other worker's request, in flight during the kill too
+        assert select.select([victim_sock], [], [], 0)[0] == [], "the victim's request must still be in flight"
+        os.kill(victim, signal.SIGKILL)
+        assert read_until_closed(victim_sock) == b""  # the connection drops with no answer
+        status, headers, answer = read_response(other_sock)
+    assert status == 200, answer
+    assert np.abs(np.array(json.loads(answer)["predictions"][0]["probs"]) - want).max() < ATOL
+    wait_until(lambda: not alive(victim), "the killed worker to be gone")
+
+    # the surviving worker keeps serving while (and after) the replacement starts
+    for _ in range(3):
+        r = predict(slow.server.url, MODEL, image)
+        assert r.status_code == 200, r.text
+        assert np.abs(probs_of(r)[0] - want).max() < ATOL
+
+    def replaced() -> dict | None:
+        pids = slow.pids()
+        ok = (len(pids["workers"]) == 2 and victim not in pids["workers"] and other in pids["workers"]
+              and all(alive(p) for p in pids["workers"]))
+        return pids if ok else None
+
+    after = wait_until(replaced, "a replacement worker in pids.json", timeout=120)
+    assert after["supervisor"] == before["supervisor"] == slow.server.proc.pid
+    assert after["device"] == before["device"] and alive(after["device"])  # the device process was not touched
+    (fresh,) = set(after["workers"]) - {other}
+    assert fresh not in before["workers"]
+
+    # the replacement serves: a connection it accepted gets a correct answer
+    sock, owner = connect_to_worker(slow, lambda pid: pid == fresh, "the replacement worker")
+    with sock:
+        sock.sendall(head + body)
+        status, headers, answer = read_response(sock)
+    assert owner == fresh and status == 200, answer
+    assert headers["x-model-version"] == "1"
+    _no_payload_left(slow)  # the dead worker's request and result files are gone too
+    assert httpx.get(slow.server.url + "/v2/health/live", timeout=30).status_code == 200
+
+
+def test_sigterm_to_the_process_group_drains_in_flight_and_exits_zero(slow: Deployment) -> None:
+    """The module's last test on the slow server: it ends it (as ``docker stop`` or run_server's stop())."""
+    proc = slow.server.proc
+    pids = _all_pids(slow)
+    image = image_bytes(40, 30, seed=2)
+    want = expected_probs([image])[0]
+    result: dict[str, object] = {}
+
+    def slow_request() -> None:
+        try:
+            result["r"] = predict(slow.server.url, MODEL, image)
+        except httpx.TransportError as exc:
+            result["error"] = exc
+
+    worker = threading.Thread(target=slow_request)
+    worker.start()
+    wait_until(slow.payload_files, "the request's payload to reach the device process", interval=0.01)
+    assert result == {}, "the request should still be in flight"
+    os.killpg(proc.pid, signal.SIGTERM)
+    time.sleep(0.3)
+    try:
+        late = predict(slow.server.url, MODEL, image, timeout=10)
+        assert late.status_code == 503, late.text  # draining: no new inference
+    except httpx.TransportError:
+        pass  # or the listeners are already closed
+    worker.join(60)
+    code = proc.wait(60)
+    assert "error" not in result, result
+    response = result["r"]
+    assert isinstance(response, httpx.Response) and response.status_code == 200, response
+    assert np.abs(probs_of(response)[0] - want).max() < ATOL
+    assert code == 0, slow.server.output()
+    wait_until(lambda: not any(alive(p) for p in pids), "every process of the server to exit", timeout=30)
+    assert payload_files(slow.run_dir) == []
+    assert "Traceback" not in slow.server.output()
+
+
+# ---- a slow client (fast server) -----------------------------------------------------------------------
+
+
+def test_a_client_sending_a_byte_at_a_time_does_not_block_its_worker(fast: Deployment) -> None:
+    image = image_bytes(6, 5, seed=3)
+    want = expected_probs([image])[0]
+    head, body = multipart_request(PATH, image, request_id="trickler")
+    sock, slow_pid = connect_to_worker(fast, lambda pid: True, "any worker")
+    mid_head, mid_body, go_on = threading.Event(), threading.Event(), threading.Event()
+    answer: dict[str, object] = {}
+
+    def trickle() -> None:
+        try:
+            for i, byte in enumerate(head):
+                if i == len(head) // 2:
+                    mid_head.set()
+                    go_on.wait(30)
+                    go_on.clear()
+                sock.sendall(bytes([byte]))
+                time.sleep(0.002)
+            for i, byte in enumerate(body):
+                if i == len(body) // 2:
+                    mid_body.set()
+                    go_on.wait(30)
+                sock.sendall(bytes([byte]))
+                time.sleep(0.002)
+            answer["response"] = read_response(sock)
+        except OSError as exc:
+            answer["error"] = exc
+
+    def others_answered(stage: str) -> None:
+        # one request on the trickler's own worker, one on the other worker, two wherever the kernel puts them
+        same, _ = connect_to_worker(fast, lambda pid: pid == slow_pid, "the trickler's worker")
+        other, _ = connect_to_worker(fast, lambda pid: pid != slow_pid, "the other worker")
+        for s in (same, other):
+            with s:
+                h, b = multipart_request(PATH, image, request_id=f"{stage}-{s.getsockname()[1]}")
+                s.sendall(h + b)
+                status, _, data = read_response(s)
+                assert status == 200, data
+        for _ in range(2):
+            r = predict(fast.server.url, MODEL, image)
+            assert r.status_code == 200 and np.abs(probs_of(r)[0] - want).max() < ATOL
+        assert httpx.get(fast.server.url + "/v2/health/live", timeout=30).status_code == 200
+        assert answer == {}, f"the trickled request was answered before it was complete: {answer}"
+
+    thread = threading.Thread(target=trickle)
+    with sock:
+        thread.start()
+        try:
+            assert mid_head.wait(60)
+            others_answered("mid-head")
+            go_on.set()
+            assert mid_body.wait(60)
+            others_answered("mid-body")
+        finally:
+            go_on.set()
+            thread.join(60)
+    assert "error" not in answer, answer
+    status, headers, data = answer["response"]  # type: ignore[misc]
+    assert status == 200 and headers["x-request-id"] == "trickler", data
+    assert np.abs(np.array(json.loads(data)["predictions"][0]["probs"]) - want).max() < ATOL
+    assert pids_of(fast.server, ["trickler"]) == {"trickler": slow_pid}
+
+
+# ---- 10,000 requests leave no payload (fast server) -----------------------------------------------------
+
+
+def test_ten_thousand_requests_leave_no_payload(fast: Deployment) -> None:
+    total, threads = 10_000, 8
+    valid = [image_bytes(40, 30, seed=s) for s in range(4)]
+    want = expected_probs(valid)
+    invalid = [b"\x00not an image" * 20, valid[0][: len(valid[0]) // 2]]  # garbage, truncated PNG: both 422
+    requests = {
+        "valid": [multipart_request(PATH, img, keep_alive=True) for img in valid],
+        "invalid": [multipart_request(PATH, img, keep_alive=True) for img in invalid],
+        "close": [multipart_request(PATH, img) for img in valid],
+    }
+    kinds = ["valid"] * 6 + ["invalid"] * 2 + ["hang_up_mid_body", "hang_up_before_answer"]
+    assert fast.payload_files() == []
+    entries_before = run_dir_entries(fast.run_dir)
+    metrics = httpx.get(fast.server.url + "/metrics", timeout=30).text
+    count_422 = one_metric(metrics, "modserve_requests_total", model=MODEL, family="native", code="422")
+    five_xx = _five_xx(fast)
+
+    def run(thread: int) -> dict[str, int]:
+        counts = {"valid": 0, "invalid": 0, "hang_up_mid_body": 0, "hang_up_before_answer": 0}
+        sock: socket.socket | None = None
+        for i in range(thread, total, threads):
+            kind = kinds[i % len(kinds)]
+            if kind in ("valid", "invalid"):
+                if sock is None or i % 97 < threads:  # a new connection now and then: both workers get some
+                    if sock is not None:
+                        sock.close()
+                    sock = connect(fast)
+                which = i % len(requests[kind])
+                head, body = requests[kind][which]
+                sock.sendall(head + body)
+                status, _, data = read_response(sock)
+                if kind == "valid":
+                    assert status == 200, data
+                    probs = np.array(json.loads(data)["predictions"][0]["probs"])
+                    assert np.abs(probs - want[which]).max() < ATOL
+                else:
+                    assert status == 422, data
+            else:
+                head, body = requests["close"][i % len(valid)]
+                with connect(fast) as hang:
+                    if kind == "hang_up_mid_body":
+                        hang.sendall(head + body[: len(body) // 2])
+                    else:
+                        hang.sendall(head + body)
+                        if i % 3:  # sometimes at once, sometimes once the request is on its way
+                            time.sleep(0.001 * (i % 5))
+                    if i % 2:  # a reset rather than an orderly close
+                        hang.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            counts[kind] += 1
+        if sock is not None:
+            sock.close()
+        return counts
+
+    with ThreadPoolExecutor(threads) as pool:
+        per_thread = list(pool.map(run, range(threads)))
+    counts = {k: sum(c[k] for c in per_thread) for k in per_thread[0]}
+    assert sum(counts.values()) == total and counts["valid"] == 6000 and counts["invalid"] == 2000, counts
+
+    _no_payload_left(fast)  # counted, not assumed: no file under payload/, none open or mapped
+    assert run_dir_entries(fast.run_dir) == entries_before  # and nothing else appeared in the run folder
+    metrics = httpx.get(fast.server.url + "/metrics", timeout=30).text
+    assert one_metric(metrics, "modserve_requests_total", model=MODEL, family="native", code="422") \
+        == count_422 + counts["invalid"]
+    assert _five_xx(fast) == five_xx  # hang-ups are not server errors
+    assert httpx.get(fast.server.url + "/v2/health/live", timeout=30).status_code == 200
+    assert httpx.get(fast.server.url + "/v2/health/ready", timeout=30).status_code == 200
+    r = predict(fast.server.url, MODEL, valid[1])
+    assert r.status_code == 200 and np.abs(probs_of(r)[0] - want[1]).max() < ATOL
+    assert all(alive(p) for p in _all_pids(fast))
+
+
+# ---- the device process killed (fast server) ------------------------------------------------------------
+
+
+def test_device_process_killed_then_restarted(fast: Deployment) -> None:
+    url = fast.server.url
+    before = fast.pids()
+    image = image_bytes(40, 30, seed=4)
+    want = expected_probs([image])[0]
+    assert predict(url, MODEL, image).status_code == 200
+    os.kill(before["device"], signal.SIGKILL)
+
+    probes: list[tuple[str, int]] = []
+    seq = iter(range(10**6))
+
+    def live() -> int:
+        rid = f"live-{next(seq)}"
+        status = httpx.get(url + "/v2/health/live", headers={"X-Request-ID": rid}, timeout=30).status_code
+        probes.append((rid, status))
+        return status
+
+    wait_until(lambda: live() == 503, "liveness to report the dead device process", timeout=30, interval=0.01)
+    refused = predict(url, MODEL, image)
+    assert refused.status_code == 503, refused.text
+    assert "error" in refused.json()
+    wait_until(lambda: live() == 200, "the device process to be restarted", timeout=180, interval=0.02)
+
+    statuses = [s for _, s in probes]
+    first_503 = statuses.index(503)
+    # once down, down until the restart: 503s, then the 200 that ended the wait
+    assert statuses[first_503:] == [503] * (len(statuses) - first_503 - 1) + [200], statuses
+    answered_503 = set(pids_of(fast.server, [rid for rid, s in probes if s == 503]).values())
+    assert answered_503 == set(before["workers"]), "every HTTP process should report the device process down"
+
+    assert httpx.get(url + "/v2/health/ready", timeout=30).status_code == 200
+    after = fast.pids()
+    assert after["device"] != before["device"] and alive(after["device"])
+    assert after["workers"] == before["workers"]  # the HTTP processes stayed
+    assert after["supervisor"] == fast.server.proc.pid
+    for _ in range(4):
+        r = predict(url, MODEL, image)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-model-version"] == "1"
+        assert np.abs(probs_of(r)[0] - want).max() < ATOL
+    _no_payload_left(fast)
