@@ -1,12 +1,13 @@
 """The single-process cap (issue 17, step 1): how many requests/s one service process handles when
 the model costs nothing, and where its time goes.
 
-``python -m bench.cap [--duration S] [--concurrency 1 16 64] [--profile]``
+``python -m bench.cap [--duration S] [--concurrency 1 16 64] [--workers 1 2] [--profile]``
 
 The model is a ``layer_stack`` of one Linear layer on a 16 x 16 image (its forward takes a few
 microseconds); the payload is a small photo-like JPEG (64 x 48), sent as a native multipart upload,
 and, pre-processed, as a v2 request with a binary FP32 tensor. The same closed-loop load generator
-as bench/run_bench.py drives one server process. ``--profile`` samples the server with py-spy
+as bench/run_bench.py drives one server process, or with ``--workers 1 2`` a server of each size
+in turn (``MODSERVE_WORKERS``: N HTTP processes and one device process from 2 on). ``--profile`` samples the server with py-spy
 (installed on demand) during one extra native step and prints the top functions by own time.
 Prints one JSON object; nothing is asserted.
 """
@@ -79,41 +80,52 @@ def profile(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:
     return [(name, round(100 * n / total, 1)) for name, n in top]
 
 
+def _profile_step(base: str, pid: int, duration: float, tmp: Path) -> list[tuple[str, float]]:
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", "--url", f"{base}/v1/models/{MODEL}/predict",
+                             "--concurrency", "16", "--duration", str(duration + 4), "--warmup", "1",
+                             "--images", str(tmp / "jpegs")], cwd=ROOT, stdout=subprocess.DEVNULL)
+    time.sleep(2)
+    top = profile(pid, duration, tmp)
+    proc.wait(timeout=duration + 60)
+    return top
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=8.0)
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
-    p.add_argument("--profile", action="store_true")
+    p.add_argument("--workers", type=int, nargs="+", default=[1])
+    p.add_argument("--profile", action="store_true", help="py-spy on the single process (workers = 1 only)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         store = write_store(tmp / "store")
         jpegs = make_jpegs(tmp / "jpegs", (64, 48))
         bodies = requests_v2.write_bodies(tmp / "v2", jpegs, store, MODEL, None)
-        port = servers.pick_free_port()
-        env = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
-               "MODSERVE_LOG_LEVEL": "warning", "MODSERVE_MAX_CONCURRENCY": "4096"}
-        server = servers.start_server("service", [sys.executable, "-m", "app"], port, env, tmp, ROOT)
-        result: dict[str, Any] = {"model": CONFIG, "payload": "64x48 JPEG", "steps": []}
-        try:
-            servers.wait_ready(server, "/v2/health/ready")
-            base = f"http://127.0.0.1:{port}"
-            for conc in args.concurrency:
-                native = loadgen(f"{base}/v1/models/{MODEL}/predict", conc, args.duration, ["--images", str(tmp / "jpegs")])
-                v2 = loadgen(f"{base}/v2/models/{MODEL}/infer", conc, args.duration, ["--bodies", str(bodies)])
-                result["steps"].append({"concurrency": conc, "native": native, "v2_binary": v2})
-                print(json.dumps(result["steps"][-1]), file=sys.stderr)
-            if args.profile:
-                proc = subprocess.Popen([sys.executable, "-m", "bench.loadgen", "--url", f"{base}/v1/models/{MODEL}/predict",
-                                         "--concurrency", "16", "--duration", str(args.duration + 4), "--warmup", "1",
-                                         "--images", str(tmp / "jpegs")], cwd=ROOT, stdout=subprocess.DEVNULL)
-                import time
-
-                time.sleep(2)
-                result["profile_native_c16_own_time_pct"] = profile(server.proc.pid, args.duration, tmp)
-                proc.wait(timeout=args.duration + 60)
-        finally:
-            servers.stop_server(server)
+        result: dict[str, Any] = {"model": CONFIG, "payload": "64x48 JPEG", "runs": []}
+        for workers in args.workers:
+            run = {"workers": workers, "steps": []}
+            result["runs"].append(run)
+            port = servers.pick_free_port()
+            env = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
+                   "MODSERVE_LOG_LEVEL": "warning", "MODSERVE_MAX_CONCURRENCY": "4096",
+                   "MODSERVE_WORKERS": str(workers)}
+            server = servers.start_server(f"service-w{workers}", [sys.executable, "-m", "app"], port, env, tmp, ROOT)
+            try:
+                servers.wait_ready(server, "/v2/health/ready")
+                base = f"http://127.0.0.1:{port}"
+                for conc in args.concurrency:
+                    native = loadgen(f"{base}/v1/models/{MODEL}/predict", conc, args.duration,
+                                     ["--images", str(tmp / "jpegs")])
+                    v2 = loadgen(f"{base}/v2/models/{MODEL}/infer", conc, args.duration, ["--bodies", str(bodies)])
+                    run["steps"].append({"concurrency": conc, "native": native, "v2_binary": v2})
+                    print(json.dumps({"workers": workers, **run["steps"][-1]}), file=sys.stderr)
+                if args.profile and workers == 1:
+                    run["profile_native_c16_own_time_pct"] = _profile_step(base, server.proc.pid, args.duration, tmp)
+            finally:
+                servers.stop_server(server)
     print(json.dumps(result, indent=1))
     return 0
 

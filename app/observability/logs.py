@@ -30,6 +30,7 @@ class JsonFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
             "message": record.getMessage(),
+            "pid": record.process,  # which process of a multi-process server (MODSERVE_WORKERS)
         }
         for key, value in vars(record).items():
             if key not in _RESERVED and key not in doc and not key.startswith("_") and value is not None:

@@ -58,16 +58,19 @@ class DeviceServer:
         self.publish()
         loader = loop.create_task(self.registry.load_all())
         ticker = loop.create_task(self._tick())
-        await stop.wait()
-        log.info("device process: draining (%d HTTP process(es) connected)", len(self.connections))
-        deadline = loop.time() + self.settings.graceful_timeout + 5
-        while self.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        server.close()
-        for task in (loader, ticker, *self.connections):
-            task.cancel()
-        await asyncio.gather(loader, ticker, *self.connections, return_exceptions=True)
-        await self.registry.close()
+        try:
+            await stop.wait()
+            log.info("device process: draining (%d HTTP process(es) connected)", len(self.connections))
+            deadline = loop.time() + self.settings.graceful_timeout + 5
+            while self.connections and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        finally:
+            server.close()
+            for task in (loader, ticker, *self.connections):
+                task.cancel()
+            await asyncio.gather(loader, ticker, *self.connections, return_exceptions=True)
+            await self.registry.close()
+            discard(self.run.socket)
 
     async def _tick(self) -> None:
         """Queue depths and batch counts change with every batch: publish them now and then."""

@@ -63,7 +63,7 @@ def write_arrays(path: Path, arrays: Sequence[np.ndarray]) -> list[Layout]:
     try:
         offset = 0
         for array in arrays:
-            array = np.ascontiguousarray(array)
+            array = np.require(array, requirements="C")  # (ascontiguousarray makes a 0-d array 1-d)
             raw = memoryview(array.reshape(-1).view(np.uint8)) if array.size else memoryview(b"")
             done = 0
             while done < len(raw):
