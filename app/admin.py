@@ -35,7 +35,7 @@ from app.registry import ModelRegistry, ModelStatus
 from app.store import ModelStore
 from app.store.model_config import ModelConfig, load_model_config, parse_model_config
 from app.store.store import check_name, check_version
-from app.store.writer import fsync_dir
+from app.store.writer import fsync_dir, upload_lock
 
 _WRITE_BLOCK = 4 << 20  # bytes gathered before one write (and digest update) in a worker thread
 
@@ -105,7 +105,9 @@ class AdminService:
         # One upload per model at a time: what is checked against the store (its model.toml, its
         # versions) must still hold when the new version is published.
         async with self._upload_locks.setdefault(name, asyncio.Lock()):
-            return await self._upload_locked(name, version, chunks, model_toml)
+            with upload_lock(self.store.ensure_staging(), name):  # and across HTTP processes
+                return await self._upload_locked(name, version, chunks, model_toml)
+
 
     async def _upload_locked(
         self, name: str, version: str, chunks: AsyncIterator[bytes], model_toml: bytes | None

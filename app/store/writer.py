@@ -5,14 +5,18 @@ A reader (or a crash) sees the old file or the new one, never half of one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import tomli_w
+
+from app.errors import Conflict
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -69,3 +73,29 @@ def write_model(root: Path, name: str, config: Mapping[str, Any], state_dict: Ma
     atomic_write_bytes(folder / version / file_name, buf.getvalue())
     atomic_write_bytes(folder / "model.toml", to_toml(config).encode())
     return folder
+
+
+@contextlib.contextmanager
+def upload_lock(staging: Path, name: str) -> Iterator[None]:
+    """One upload per model at a time across the HTTP processes of one server (MODSERVE_WORKERS):
+    a lock file in the staging folder, removed by its holder so the store keeps nothing; an upload
+    already running in another process is a 409."""
+    path = staging / f".upload-{name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise Conflict(f"an upload of model {name!r} is running; try again when it finishes") from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # else the previous holder removed this file after we opened it: open the new one
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

@@ -12,6 +12,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -79,6 +80,10 @@ class Deployment:
 
     def payload_files(self) -> list[Path]:
         return payload_files(self.run_dir)
+
+    def worker_pids(self) -> list[int]:
+        """The HTTP processes: the workers of pids.json, or the one process when ``workers == 1``."""
+        return [self.server.proc.pid] if self.workers == 1 else list(self.pids()["workers"])
 
 
 @contextmanager
@@ -229,19 +234,44 @@ def connect(dep: Deployment, timeout: float = 60) -> socket.socket:
     return sock
 
 
-def connect_to_worker(dep: Deployment, want: Callable[[int], bool], what: str,
-                      attempts: int = 200) -> tuple[socket.socket, int]:
-    """Open connections until one is accepted by a worker for which ``want(pid)`` holds; the others are
-    closed unused. The kernel picks the worker, so this asks it again rather than assuming."""
-    workers = dep.pids()["workers"]
-    for _ in range(attempts):
+def owner_of(dep: Deployment, sock: socket.socket, timeout: float = 60) -> int:
+    """The HTTP process that accepted ``sock`` (waits for the accept)."""
+    workers = dep.worker_pids()
+    return wait_until(lambda: connection_owner(sock, dep.port, workers), "an HTTP process to accept the connection",
+                      timeout=timeout, interval=0.002)
+
+
+@contextmanager
+def others_paused(dep: Deployment, pid: int) -> Iterator[None]:
+    """SIGSTOP every HTTP process but ``pid`` (SIGCONT afterwards). The HTTP processes share one
+    listening socket and the kernel picks which one accepts; with the others paused, only ``pid``
+    can, so a test reaches the process it means to without relying on how connections spread.
+    Only for moments when the paused processes are idle: one paused while it holds a lock the HTTP
+    processes share would stall the one the test is waiting for."""
+    others = [w for w in dep.worker_pids() if w != pid]
+    stopped = []
+    try:
+        for other in others:
+            os.kill(other, signal.SIGSTOP)
+            stopped.append(other)
+        yield
+    finally:
+        for other in stopped:
+            os.kill(other, signal.SIGCONT)
+
+
+def connect_to(dep: Deployment, pid: int, timeout: float = 60) -> socket.socket:
+    """A connection accepted by the HTTP process ``pid`` (checked in /proc, not assumed). Waits until
+    that process accepts, so it also waits for a freshly started one to be serving."""
+    with others_paused(dep, pid):
         sock = connect(dep)
-        owner = wait_until(lambda: connection_owner(sock, dep.port, workers), "a worker to accept",
-                           timeout=30, interval=0.005)
-        if want(owner):
-            return sock, owner
-        sock.close()
-    raise AssertionError(f"no connection reached {what} in {attempts} attempts (workers {workers})")
+        try:
+            wait_until(lambda: connection_owner(sock, dep.port, [pid]) == pid, f"HTTP process {pid} to accept",
+                       timeout=timeout, interval=0.002)
+        except BaseException:
+            sock.close()
+            raise
+    return sock
 
 
 # ---- raw HTTP ----------------------------------------------------------------------------------------------
@@ -291,6 +321,27 @@ def read_until_closed(sock: socket.socket) -> bytes:
         if not part:
             return data
         data += part
+
+
+def exchange(sock: socket.socket, method: str, path: str, request_id: str | None = None,
+             body: bytes = b"", headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    """One request and its response on ``sock`` (kept open)."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: a\r\nContent-Length: {len(body)}\r\n"
+    for key, value in {**({"X-Request-ID": request_id} if request_id else {}), **(headers or {})}.items():
+        head += f"{key}: {value}\r\n"
+    sock.sendall((head + "\r\n").encode() + body)
+    return read_response(sock)
+
+
+def predict_on(sock: socket.socket, model: str, image: bytes, request_id: str | None = None
+               ) -> tuple[int, dict[str, str], bytes]:
+    head, body = multipart_request(f"/v1/models/{model}/predict", image, keep_alive=True, request_id=request_id)
+    sock.sendall(head + body)
+    return read_response(sock)
+
+
+def probs_in(body: bytes) -> np.ndarray:
+    return np.array([p["probs"] for p in json.loads(body)["predictions"]], np.float32)
 
 
 # ---- logs and metrics ------------------------------------------------------------------------------------

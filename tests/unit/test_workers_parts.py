@@ -249,3 +249,17 @@ def test_a_request_prepared_for_a_replaced_version_is_prepared_again(tmp_path: P
         remote.close()
 
     asyncio.run(main())
+
+
+def test_one_upload_per_model_at_a_time_across_processes(tmp_path: Path) -> None:
+    from app.errors import Conflict
+    from app.store.writer import upload_lock
+
+    with upload_lock(tmp_path, "unet"):
+        with pytest.raises(Conflict, match="upload of model 'unet' is running"):
+            with upload_lock(tmp_path, "unet"):  # a second descriptor: what another process holds
+                pass
+        with upload_lock(tmp_path, "resnet50_head"):
+            pass
+    with upload_lock(tmp_path, "unet"):
+        pass
