@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import requests_v2, servers
+from bench import requests_v2, servers, wrk
+from bench.loadgen import multipart_body
 from bench.workload import make_jpegs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,6 +82,49 @@ def profile(pid: int, seconds: float, out: Path) -> list[tuple[str, float]]:
     return [(name, round(100 * n / total, 1)) for name, n in top]
 
 
+def _roles(pid: int, run: Path, workers: int) -> dict[str, list[int]]:
+    """The server's processes by role: the HTTP processes, and the device process (N >= 2)."""
+    if workers == 1:
+        return {"http": [pid]}
+    pids = json.loads((run / "pids.json").read_text())
+    return {"http": pids["workers"], "device": [pids["device"]]}
+
+
+def _cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime + stime, in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _measured(step: Any, roles: dict[str, list[int]], duration: float) -> dict[str, Any]:
+    """Run ``step``; add each role's CPU milliseconds per answered request."""
+    before = {role: _cpu_seconds(pids) for role, pids in roles.items()}
+    out = step()
+    answered = max(1.0, out["rps"] * duration)
+    out["cpu_ms_per_request"] = {role: round(1000 * (_cpu_seconds(pids) - before[role]) / answered, 3)
+                                 for role, pids in roles.items()}
+    return out
+
+
+def _wrk_steps(base: str, conc: int, duration: float, tmp: Path, bodies: Path, roles: dict[str, list[int]]
+               ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The native multipart upload and the v2 binary request of one JPEG, each for ``duration`` s."""
+    jpeg = sorted((tmp / "jpegs").glob("*.jpg"))[0]
+    native_body = tmp / "native.body"
+    native_body.write_bytes(multipart_body(jpeg.read_bytes(), jpeg.name, None))
+    from bench.loadgen import BOUNDARY
+
+    native = _measured(lambda: wrk.step(f"{base}/v1/models/{MODEL}/predict", native_body, {
+        "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}, conc, duration, tmp), roles, duration)
+    v2_body = sorted(bodies.glob("*.body"))[0]
+    headers = json.loads((bodies / "headers.json").read_text())
+    v2 = _measured(lambda: wrk.step(f"{base}/v2/models/{MODEL}/infer", v2_body, headers, conc, duration, tmp),
+                   roles, duration)
+    return native, v2
+
+
 def _profile_step(base: str, pid: int, duration: float, tmp: Path) -> list[tuple[str, float]]:
     import time
 
@@ -98,28 +143,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--workers", type=int, nargs="+", default=[1])
     p.add_argument("--profile", action="store_true", help="py-spy on the single process (workers = 1 only)")
+    p.add_argument("--client", choices=["wrk", "python"], default="wrk" if wrk.available() else "python",
+                   help="load generator: wrk (C; apt-get install wrk) or bench.loadgen (Python, httpx)")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp_name:
-        tmp = Path(tmp_name)
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # where the server puts its run folder
+    with tempfile.TemporaryDirectory() as tmp_name, tempfile.TemporaryDirectory(dir=shm) as runs_name:
+        tmp, runs = Path(tmp_name), Path(runs_name)
         store = write_store(tmp / "store")
         jpegs = make_jpegs(tmp / "jpegs", (64, 48))
         bodies = requests_v2.write_bodies(tmp / "v2", jpegs, store, MODEL, None)
-        result: dict[str, Any] = {"model": CONFIG, "payload": "64x48 JPEG", "runs": []}
+        result: dict[str, Any] = {"model": CONFIG, "payload": "64x48 JPEG", "client": args.client,
+                                  "load_average": os.getloadavg(), "runs": []}
         for workers in args.workers:
             run = {"workers": workers, "steps": []}
             result["runs"].append(run)
             port = servers.pick_free_port()
             env = {"MODSERVE_STORE": str(store), "MODSERVE_PORT": str(port), "MODSERVE_DEVICE": "cpu",
                    "MODSERVE_LOG_LEVEL": "warning", "MODSERVE_MAX_CONCURRENCY": "4096",
-                   "MODSERVE_WORKERS": str(workers)}
+                   "MODSERVE_WORKERS": str(workers), "MODSERVE_RUN_DIR": str(runs / f"run-{workers}")}
             server = servers.start_server(f"service-w{workers}", [sys.executable, "-m", "app"], port, env, tmp, ROOT)
             try:
                 servers.wait_ready(server, "/v2/health/ready")
                 base = f"http://127.0.0.1:{port}"
                 for conc in args.concurrency:
-                    native = loadgen(f"{base}/v1/models/{MODEL}/predict", conc, args.duration,
-                                     ["--images", str(tmp / "jpegs")])
-                    v2 = loadgen(f"{base}/v2/models/{MODEL}/infer", conc, args.duration, ["--bodies", str(bodies)])
+                    if args.client == "wrk":
+                        roles = _roles(server.proc.pid, runs / f"run-{workers}", workers)
+                        native, v2 = _wrk_steps(base, conc, args.duration, tmp, bodies, roles)
+                    else:
+                        native = loadgen(f"{base}/v1/models/{MODEL}/predict", conc, args.duration,
+                                         ["--images", str(tmp / "jpegs")])
+                        v2 = loadgen(f"{base}/v2/models/{MODEL}/infer", conc, args.duration, ["--bodies", str(bodies)])
                     run["steps"].append({"concurrency": conc, "native": native, "v2_binary": v2})
                     print(json.dumps({"workers": workers, **run["steps"][-1]}), file=sys.stderr)
                 if args.profile and workers == 1:

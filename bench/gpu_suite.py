@@ -5,8 +5,9 @@
 On CUDA: ResNet50-extra at 224 x 224 (``compute``) and the reference-width U-Net at 256 x 256
 (``unet``, base_channels 64), channels_last, ceiling at batch 1/16/64/256; in bf16 the service with
 JPEG uploads, the service with binary v2 tensors, LitServe and the naive app at concurrency 1 and 64;
-in fp32 the ceiling and both service paths at concurrency 64 (each server start costs 10-15 s on a
-GPU; with every system in both precisions the run would not fit in 8 minutes).
+in fp32 the ceiling and both service paths at concurrency 64; then (issue 17) the ResNet in bf16 with
+8 HTTP processes at concurrency 64 and 256 (each server start costs 10-15 s on a GPU; with every system
+in both precisions the run would not fit in 8 minutes).
 Each configuration writes its JSON and plot (``bench.run_bench``) tagged with its dtype, then
 ``gpu-summary-<date>.json`` collects the headline figures.
 
@@ -45,6 +46,9 @@ def plan(smoke: bool) -> list[tuple[str, list[str]]]:
     return [
         ("bfloat16", [*common, "--dtype", "bfloat16", "--systems", "service,service_v2,naive,litserve"]),
         ("float32", [*common, "--dtype", "float32", "--systems", "service,service_v2", "--concurrency", "64"]),
+        # issue 17: 8 HTTP processes and one device process, JPEG uploads, enough clients for 5,000 req/s
+        ("bfloat16-w8", [*common, "--dtype", "bfloat16", "--config", "compute", "--systems", "service",
+                         "--service-workers", "8", "--concurrency", "64,256", "--client-procs", "6"]),
     ]
 
 

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="naive peer: def route in FastAPI's thread pool, or async route blocking the loop")
     p.add_argument("--litserve-fast-queue", action="store_true",
                    help="LitServe peer: fast_queue=True (ZeroMQ) instead of its default mp.Manager queues")
+    p.add_argument("--service-workers", type=int, default=1,
+                   help="the service's HTTP processes (MODSERVE_WORKERS; 2 or more add a device process)")
     p.add_argument("--service-log-level", default="warning",
                    help="MODSERVE_LOG_LEVEL for the service (default warning: no per-request log line, like the "
                         "peers, which run without access logs); info measures it with its JSON request log")
@@ -120,7 +122,8 @@ def system_spec(name: str, args: argparse.Namespace, store: Path, wl: Workload, 
     """(command, readiness path, predict path) for one system under test."""
     if name in ("service", "service_v2"):
         path = f"/v2/models/{wl.model}/infer" if name == "service_v2" else f"/v1/models/{wl.model}/predict"
-        return ([PY, "-m", "app", "--store", str(store), "--port", str(port), "--device", args.device],
+        return ([PY, "-m", "app", "--store", str(store), "--port", str(port), "--device", args.device,
+                 "--workers", str(args.service_workers)],
                 "/v2/health/ready", path)
     cmd = [PY, "-m", "bench.peers", name, "--store", str(store), "--model", wl.model, "--port", str(port),
            "--device", args.device, "--threads", str(args.threads),

@@ -45,23 +45,28 @@ class Supervisor:
         self.device: BaseProcess | None = None
         self.workers: list[BaseProcess | None] = [None] * settings.workers
         self.stopping = False
-        self._device_starts: list[float] = []
+        self._starts: dict[str, list[float]] = {}
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         if not self.stopping:
             log.info("signal %s: draining %d HTTP process(es), then the device process", sig, len(self.workers))
         self.stopping = True
 
-    def _start_device(self) -> None:
+    def _pace(self, key: str) -> None:
+        """A process that keeps dying right after its start is restarted every 5 s, not in a spin."""
         now = time.monotonic()
-        self._device_starts = [t for t in self._device_starts if now - t < 60] + [now]
-        if len(self._device_starts) > 5:  # crashing at start: do not spin
+        starts = self._starts[key] = [t for t in self._starts.get(key, []) if now - t < 60] + [now]
+        if len(starts) > 5:
             time.sleep(5)
+
+    def _start_device(self) -> None:
+        self._pace("device")
         self.device = self.ctx.Process(target=device_main, args=(self.settings, self.run), name="modserve-device")
         self.device.start()
         log.info("device process %d started", self.device.pid)
 
     def _start_worker(self, index: int) -> None:
+        self._pace(f"worker-{index}")
         with self.slots.get_lock():
             self.slots[index] = 0  # a dead process's inference slots are free again
         proc = self.ctx.Process(target=worker_main, name=f"modserve-http-{index}",
@@ -132,7 +137,13 @@ def serve_workers(settings: Settings) -> int:
     # before any child imports prometheus_client: every process then counts into files there
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run.metrics)
     ModelStore(settings.store).clear_staging()  # once, here: an HTTP process restarted later must not remove an upload in progress
-    sock = bind(settings.host, settings.port)
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
+        if settings.run_dir is None:
+            run.remove()
+        return 1
     try:
         return Supervisor(settings, run, sock).run_forever()
     finally:

@@ -1,11 +1,13 @@
 """The service with ``--workers 1`` and ``--workers 2`` (issue 17), one real server per worker count:
-the same answers as a local forward (native multipart and JSON, tritonclient), the access log naming
-the process that answered, ``/metrics`` summed over every process, an admin reload under load that
-loses no request and leaves every process on the new version, and SIGTERM to the supervisor draining
-a request in flight and exiting 0 (the module's last test: it ends the server).
+the processes it runs, the same answers as a local forward (native multipart and JSON, tritonclient),
+the access log naming the process that answered, ``/metrics`` summed over every process, an admin
+reload under load that loses no request and leaves every process on the new version, and SIGTERM to
+the supervisor draining a request in flight and exiting 0 (the last test of each server: it ends it).
 
-Every forward sleeps 200 ms (``MODSERVE_FAULT_INJECTION``) so that a request can be caught in flight;
-the tests send their requests concurrently so this costs little. Nothing asserts on durations.
+The HTTP processes share one listening socket and the kernel decides which accepts a connection, so
+what must reach every process is sent to each in turn (``connect_to``: the others are paused while it
+connects, and the process that accepted is read from /proc). Every forward sleeps 200 ms
+(``MODSERVE_FAULT_INJECTION``) so that a request can be caught in flight. Nothing asserts on durations.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -29,9 +30,9 @@ import tritonclient.http as httpclient
 from app.store.writer import write_model
 from support.models import build_small, image_bytes, small_configs
 from support.workers import (
-    ARCH, ATOL, AUTH, Deployment, alive, b64_instances, children, connect, connect_to, exchange, expected_probs,
-    local_forward, one_metric, owner_of, pids_of, predict, predict_on, preprocessed, probs_in, probs_of,
-    serve_workers, shm_folder, wait_until,
+    ARCH, ATOL, AUTH, Deployment, alive, b64_instances, children, connect, connect_to, exchange,
+    expected_probs, local_forward, one_metric, owner_of, pids_of, predict, predict_on, preprocessed, probs_in,
+    probs_of, serve_workers, shm_folder, wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -111,14 +112,14 @@ def test_tritonclient_infer_matches_local_forward(dep: Deployment) -> None:
             assert client.get_model_metadata("cls")["versions"] == ["1"]
             image = httpclient.InferInput("image", list(tensor.shape), "FP32")
             image.set_data_from_numpy(tensor, binary_data=binary)
-            result = client.infer("cls", [image], outputs=[httpclient.InferRequestedOutput("probs", binary_data=binary)],
-                                  request_id=f"t-{binary}")
+            probs = httpclient.InferRequestedOutput("probs", binary_data=binary)
+            result = client.infer("cls", [image], outputs=[probs], request_id=f"t-{binary}")
             response = result.get_response()
             assert response["model_name"] == "cls" and response["model_version"] == "1"
             assert response["id"] == f"t-{binary}"
             np.testing.assert_allclose(result.as_numpy("probs"), ref, atol=ATOL, rtol=0)
             files = httpclient.InferInput("image_bytes", [len(pngs)], "BYTES")
-            files.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)  # raw bytes: binary only
+            files.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)  # bytes: binary only
             result = client.infer("cls", [files])
             np.testing.assert_allclose(result.as_numpy("probs"), ref, atol=ATOL, rtol=0)
         finally:
@@ -195,8 +196,8 @@ def test_admin_reload_under_load_loses_no_request(dep: Deployment) -> None:
     def load(out: list) -> None:
         while not stop.is_set():
             r = predict(url, "swap", image)  # a new connection each time: spread over the workers
-            ok = r.status_code == 200
-            out.append((r.status_code, r.headers.get("x-model-version"), probs_of(r)[0] if ok else None, r.text[:300]))
+            probs = probs_of(r)[0] if r.status_code == 200 else None
+            out.append((r.status_code, r.headers.get("x-model-version"), probs, r.text[:300]))
 
     threads = [threading.Thread(target=load, args=(out,)) for out in results]
     for t in threads:
@@ -215,7 +216,8 @@ def test_admin_reload_under_load_loses_no_request(dep: Deployment) -> None:
         finally:
             client.close()
         marks = [len(out) for out in results]
-        wait_until(lambda: all(len(out) >= m + 2 for out, m in zip(results, marks)), "requests after the reload")
+        wait_until(lambda: all(len(out) >= m + 2 for out, m in zip(results, marks)),
+                   "requests after the reload")
     finally:
         stop.set()
         for t in threads:
@@ -239,7 +241,8 @@ def test_admin_reload_under_load_loses_no_request(dep: Deployment) -> None:
                 status, _, body = exchange(sock, "GET", "/v2/models/swap")
                 assert status == 200 and json.loads(body)["versions"] == ["2"], body
                 status, _, body = exchange(sock, "GET", "/v1/models/swap")
-                assert status == 200 and json.loads(body)["version"] == "2" and json.loads(body)["ready"], body
+                described = json.loads(body)
+                assert status == 200 and described["version"] == "2" and described["ready"] is True, body
     client = httpclient.InferenceServerClient(dep.hostport)
     try:
         assert client.get_model_metadata("swap")["versions"] == ["2"]
@@ -276,7 +279,7 @@ def test_sigterm_to_the_supervisor_drains_in_flight_and_exits_zero(dep: Deployme
     proc.send_signal(signal.SIGTERM)  # the supervisor only: it passes the signal on
     time.sleep(0.3)
     try:
-        late = httpx.post(f"{url}/v1/models/cls/predict", files={"image": ("a.png", image_bytes())}, timeout=10)
+        late = predict(url, "cls", timeout=10)
         assert late.status_code == 503, late.text  # draining: no new inference
     except httpx.TransportError:
         pass  # or the listener is already closed

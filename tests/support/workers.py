@@ -129,7 +129,7 @@ def read_pids(run_dir: Path) -> dict[str, Any]:
 
 
 def payload_files(run_dir: Path) -> list[Path]:
-    """Every entry under ``payload/`` that is not a folder (files, links, sockets: all are leaks when idle)."""
+    """Every entry under ``payload/`` that is not a folder (files, links, sockets: leaks when idle)."""
     folder = run_dir / "payload"
     if not folder.is_dir():
         return []
@@ -237,7 +237,7 @@ def connect(dep: Deployment, timeout: float = 60) -> socket.socket:
 def owner_of(dep: Deployment, sock: socket.socket, timeout: float = 60) -> int:
     """The HTTP process that accepted ``sock`` (waits for the accept)."""
     workers = dep.worker_pids()
-    return wait_until(lambda: connection_owner(sock, dep.port, workers), "an HTTP process to accept the connection",
+    return wait_until(lambda: connection_owner(sock, dep.port, workers), "an HTTP process to accept",
                       timeout=timeout, interval=0.002)
 
 
@@ -266,8 +266,8 @@ def connect_to(dep: Deployment, pid: int, timeout: float = 60) -> socket.socket:
     with others_paused(dep, pid):
         sock = connect(dep)
         try:
-            wait_until(lambda: connection_owner(sock, dep.port, [pid]) == pid, f"HTTP process {pid} to accept",
-                       timeout=timeout, interval=0.002)
+            wait_until(lambda: connection_owner(sock, dep.port, [pid]) == pid,
+                       f"HTTP process {pid} to accept", timeout=timeout, interval=0.002)
         except BaseException:
             sock.close()
             raise
@@ -335,7 +335,8 @@ def exchange(sock: socket.socket, method: str, path: str, request_id: str | None
 
 def predict_on(sock: socket.socket, model: str, image: bytes, request_id: str | None = None
                ) -> tuple[int, dict[str, str], bytes]:
-    head, body = multipart_request(f"/v1/models/{model}/predict", image, keep_alive=True, request_id=request_id)
+    path = f"/v1/models/{model}/predict"
+    head, body = multipart_request(path, image, keep_alive=True, request_id=request_id)
     sock.sendall(head + body)
     return read_response(sock)
 
