@@ -41,7 +41,7 @@ class DeviceServer:
         self.metrics.attach(self.registry)
         self.snapshots = SnapshotWriter(run.snapshot)
         self.fatal: str | None = None
-        self.connections: set[asyncio.Task[None]] = set()
+        self.connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
         self.registry.subscribe(lambda event: event.kind != "batch" and self.publish())
 
     def publish(self, force: bool = False) -> None:
@@ -66,9 +66,13 @@ class DeviceServer:
                 await asyncio.sleep(0.05)
         finally:
             server.close()
-            for task in (loader, ticker, *self.connections):
+            for writer in self.connections.values():
+                writer.close()  # its reader sees the end and the connection's task ends by itself
+            if self.connections:
+                await asyncio.wait(list(self.connections), timeout=5)
+            for task in (loader, ticker):
                 task.cancel()
-            await asyncio.gather(loader, ticker, *self.connections, return_exceptions=True)
+            await asyncio.gather(loader, ticker, return_exceptions=True)
             await self.registry.close()
             discard(self.run.socket)
 
@@ -81,7 +85,7 @@ class DeviceServer:
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         me = asyncio.current_task()
         assert me is not None
-        self.connections.add(me)
+        self.connections[me] = writer
         tasks: dict[int, asyncio.Task[None]] = {}
         pid = 0
         try:
@@ -102,7 +106,7 @@ class DeviceServer:
             for task in list(tasks.values()):
                 task.cancel()
             writer.close()
-            self.connections.discard(me)
+            self.connections.pop(me, None)
 
     async def _answer(self, writer: asyncio.StreamWriter, pid: int, doc: dict[str, Any]) -> None:
         request = int(doc["id"])
