@@ -16,7 +16,6 @@ import os
 import signal
 from typing import Any
 
-from app.admin import AdminService
 from app.config import Settings
 from app.errors import DeviceFault, ServiceError, StaleModel, to_wire
 from app.observability.logs import configure_logging
@@ -36,7 +35,6 @@ class DeviceServer:
         self.settings, self.run = settings, run
         self.store = ModelStore(settings.store)
         self.registry = ModelRegistry(self.store, settings)
-        self.admin = AdminService(self.registry, self.store)
         self.metrics = Metrics()
         self.metrics.attach(self.registry)
         self.snapshots = SnapshotWriter(run.snapshot)
@@ -128,17 +126,14 @@ class DeviceServer:
 
     async def _handle(self, pid: int, doc: dict[str, Any]) -> dict[str, Any]:
         op = doc["op"]
-        if op == "load":
+        if op in ("load", "unload"):  # checked and audited by the HTTP process that was asked
             try:
-                status = await self.admin.load(doc["name"], doc.get("version"), "admin API")
+                if op == "load":
+                    await self.registry.load(str(doc["name"]), doc.get("version"))
+                else:
+                    await self.registry.unload(str(doc["name"]))
             finally:
-                self.publish(force=True)
-            return {"version": status.version}
-        if op == "unload":
-            try:
-                await self.admin.unload(doc["name"], "admin API")
-            finally:
-                self.publish(force=True)
+                self.publish(force=True)  # before the answer: every HTTP process sees the change from now on
             return {}
         return await self._infer(pid, doc)
 
