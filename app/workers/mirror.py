@@ -22,7 +22,7 @@ from app.model_state import LiveModel, ModelState, ModelStatus, ModelView, readi
 from app.runtime.base import InferenceItem, ModelRuntime
 from app.store import ModelStore
 from app.workers.link import DeviceLink
-from app.workers.snapshot import read_snapshot, weightless_runtime
+from app.workers.snapshot import SnapshotReader, weightless_runtime
 
 
 class RemoteBatcher:
@@ -43,7 +43,7 @@ class RemoteBatcher:
 class MirrorRegistry:
     def __init__(self, snapshot: Path, link: DeviceLink, store: ModelStore) -> None:
         self.snapshot_path, self.link, self.store = snapshot, link, store
-        self._identity: tuple[int, int] | None = None
+        self._reader = SnapshotReader(snapshot)
         self._status: dict[str, ModelStatus] = {}
         self._views: dict[str, ModelView] = {}
         self._runtimes: dict[tuple[str, str, str], ModelRuntime] = {}
@@ -53,10 +53,9 @@ class MirrorRegistry:
     # ---- the snapshot ------------------------------------------------------------
 
     def refresh(self) -> None:
-        read = read_snapshot(self.snapshot_path)
-        if read is None or read[0] == self._identity:
+        doc = self._reader.read_if_changed()
+        if doc is None:
             return
-        self._identity, doc = read
         self.fatal, self.gpu = doc.get("fatal"), doc.get("gpu_memory") or []
         status, views, runtimes = {}, {}, {}
         for m in doc.get("models", []):
@@ -137,7 +136,7 @@ class MirrorRegistry:
         try:
             yield live
         except StaleModel:
-            self._identity = None  # read the snapshot again, even if its stat looks the same
+            self._reader.seen = -1  # read the snapshot again, whatever its generation says
             raise
 
     def mark_unavailable(self, name: str, live: LiveModel, reason: str) -> None:
@@ -147,12 +146,12 @@ class MirrorRegistry:
 
     async def load(self, name: str, version: str | None = None) -> ModelStatus:
         await self.link.call({"op": "load", "name": name, "version": version})
-        self._identity = None
+        self._reader.seen = -1
         return self.status(name)
 
     async def unload(self, name: str) -> ModelStatus:
         await self.link.call({"op": "unload", "name": name})
-        self._identity = None
+        self._reader.seen = -1
         return self.status(name)
 
     async def close(self) -> None:

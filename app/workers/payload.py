@@ -33,9 +33,10 @@ class PayloadDir:
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._prefix = f"{root}{os.sep}"
 
-    def path(self, pid: int, request: int, kind: str) -> Path:
-        return self.root / f"{pid}-{request}.{kind}"
+    def path(self, pid: int, request: int, kind: str) -> str:
+        return f"{self._prefix}{pid}-{request}.{kind}"  # a str: pathlib costs more than the write
 
     def files(self) -> list[Path]:
         return sorted(self.root.iterdir())
@@ -48,15 +49,15 @@ class PayloadDir:
         return removed
 
 
-def discard(path: Path) -> int:
+def discard(path: str | Path) -> int:
     try:
-        path.unlink()
+        os.unlink(path)
         return 1
     except FileNotFoundError:
         return 0
 
 
-def write_arrays(path: Path, arrays: Sequence[np.ndarray]) -> list[Layout]:
+def write_arrays(path: str | Path, arrays: Sequence[np.ndarray]) -> list[Layout]:
     """Write ``arrays`` one after another into a new file; their layouts say where each lies."""
     layouts: list[Layout] = []
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -81,7 +82,7 @@ def write_arrays(path: Path, arrays: Sequence[np.ndarray]) -> list[Layout]:
     return layouts
 
 
-def read_arrays(path: Path, layouts: Sequence[Layout]) -> list[np.ndarray]:
+def read_arrays(path: str | Path, layouts: Sequence[Layout]) -> list[np.ndarray]:
     """Copy the arrays out of a payload file (the file may be removed right after)."""
     out: list[np.ndarray] = []
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -94,7 +95,7 @@ def read_arrays(path: Path, layouts: Sequence[Layout]) -> list[np.ndarray]:
             while done < len(raw):
                 n = os.preadv(fd, [raw[done:]], layout["offset"] + done)
                 if n == 0:
-                    raise ServiceError(f"payload file {path.name} ends early")
+                    raise ServiceError(f"payload file {os.path.basename(path)} ends early")
                 done += n
             out.append(array)
     finally:

@@ -7,6 +7,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from app.workers.payload import PayloadDir
@@ -24,7 +25,7 @@ class RunDir:
     def snapshot(self) -> Path:
         return self.root / "state.json"
 
-    @property
+    @cached_property
     def payload(self) -> PayloadDir:
         return PayloadDir(self.root / "payload")
 

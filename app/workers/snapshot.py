@@ -9,7 +9,9 @@ loaded, the checkpoint's digest and metadata, the device and the per-image pixel
 
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,8 @@ from app.runtime.base import ModelRuntime
 from app.runtime.factory import RUNTIMES
 from app.nets import net_spec
 from app.store.model_config import ModelConfig
+
+_GENERATION = struct.Struct("<Q")
 
 
 def runtime_card(runtime: ModelRuntime) -> dict[str, Any]:
@@ -68,12 +72,28 @@ def _gpu_memory() -> list[list[Any]]:
             for i in range(torch.cuda.device_count())]
 
 
+def _counter(path: Path, create: bool) -> mmap.mmap | None:
+    """The snapshot's generation: 8 bytes of shared memory beside it, bumped after every write."""
+    try:
+        fd = os.open(path, (os.O_RDWR | os.O_CREAT) if create else os.O_RDONLY, 0o600)
+    except FileNotFoundError:
+        return None
+    try:
+        if create and os.fstat(fd).st_size < 8:
+            os.ftruncate(fd, 8)
+        return mmap.mmap(fd, 8, prot=mmap.PROT_READ | (mmap.PROT_WRITE if create else 0))
+    finally:
+        os.close(fd)
+
+
 class SnapshotWriter:
-    """Writes the snapshot when it changed (or when asked to), by rename so readers never see half."""
+    """Writes the snapshot when it changed (or when asked to), by rename so readers never see half,
+    then bumps the generation that readers compare (a memory read per query, no system call)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._last = b""
+        self._generation = _counter(path.with_suffix(".generation"), create=True)
 
     def write(self, doc: dict[str, Any], *, force: bool = False) -> None:
         data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
@@ -83,13 +103,28 @@ class SnapshotWriter:
         tmp.write_bytes(data)
         os.replace(tmp, self.path)
         self._last = data
+        assert self._generation is not None
+        _GENERATION.pack_into(self._generation, 0, _GENERATION.unpack_from(self._generation)[0] + 1)
 
 
-def read_snapshot(path: Path) -> tuple[tuple[int, int], dict[str, Any]] | None:
-    """(the file's identity, its content), or None before the device process wrote one."""
-    try:
-        st = os.stat(path)
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    return (st.st_ino, st.st_mtime_ns), orjson.loads(data)
+class SnapshotReader:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._generation: mmap.mmap | None = None
+        self.seen = -1
+
+    def read_if_changed(self) -> dict[str, Any] | None:
+        """The snapshot when it changed since the last call (None: unchanged, or not written yet)."""
+        if self._generation is None:
+            self._generation = _counter(self.path.with_suffix(".generation"), create=False)
+            if self._generation is None:
+                return None
+        generation = _GENERATION.unpack_from(self._generation)[0]
+        if generation == self.seen:
+            return None
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        self.seen = generation  # read before the file: a write in between is seen at the next call
+        return orjson.loads(data)

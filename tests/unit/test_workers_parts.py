@@ -74,7 +74,7 @@ def test_full_shared_memory_is_a_503_and_leaves_no_file(tmp_path: Path, monkeypa
 def test_sweep_removes_only_the_dead_processes_files(tmp_path: Path) -> None:
     payload = PayloadDir(tmp_path)
     for pid, request in ((11, 1), (11, 2), (111, 1), (12, 1)):
-        payload.path(pid, request, "in").write_bytes(b"x")
+        Path(payload.path(pid, request, "in")).write_bytes(b"x")
     assert payload.sweep(11) == 2
     assert sorted(p.name for p in payload.files()) == ["111-1.in", "12-1.in"]
 
@@ -263,3 +263,19 @@ def test_one_upload_per_model_at_a_time_across_processes(tmp_path: Path) -> None
             pass
     with upload_lock(tmp_path, "unet"):
         pass
+
+
+def test_every_snapshot_write_is_seen_even_two_in_the_same_millisecond(tmp_path: Path) -> None:
+    from app.workers.snapshot import SnapshotReader, SnapshotWriter
+
+    reader = SnapshotReader(tmp_path / "state.json")
+    assert reader.read_if_changed() is None  # nothing written yet
+    writer = SnapshotWriter(tmp_path / "state.json")
+    writer.write({"models": [], "fatal": None})
+    assert reader.read_if_changed() == {"models": [], "fatal": None}
+    assert reader.read_if_changed() is None  # unchanged: no file read
+    writer.write({"models": [], "fatal": "a"})
+    writer.write({"models": [], "fatal": "b"})  # rename to a freed inode, same coarse mtime: still seen
+    assert reader.read_if_changed() == {"models": [], "fatal": "b"}
+    writer.write({"models": [], "fatal": "b"})  # same content, not forced: nothing written
+    assert reader.read_if_changed() is None
