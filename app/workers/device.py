@@ -17,7 +17,7 @@ import signal
 from typing import Any
 
 from app.config import Settings
-from app.errors import DeviceFault, ServiceError, StaleModel, to_wire
+from app.errors import ClientClosedRequest, DeviceFault, ServiceError, StaleModel, to_wire
 from app.observability.logs import configure_logging
 from app.observability.metrics import Metrics
 from app.registry import ModelRegistry
@@ -139,7 +139,10 @@ class DeviceServer:
 
     async def _infer(self, pid: int, doc: dict[str, Any]) -> dict[str, Any]:
         request = int(doc["id"])
-        arrays = read_arrays(self.run.payload.path(pid, request, "in"), doc["layouts"]) if doc["layouts"] else []
+        try:
+            arrays = read_arrays(self.run.payload.path(pid, request, "in"), doc["layouts"]) if doc["layouts"] else []
+        except FileNotFoundError:  # the client went away and its HTTP process withdrew the request
+            raise ClientClosedRequest("the request was withdrawn before the device process read it") from None
         name = str(doc["model"])
         async with self.registry.lease(name) as live:
             runtime = live.runtime

@@ -31,8 +31,8 @@ from app.store.writer import write_model
 from support.models import build_small, image_bytes, small_configs
 from support.workers import (
     ARCH, ATOL, AUTH, Deployment, alive, b64_instances, children, connect, connect_to, exchange,
-    expected_probs, local_forward, one_metric, owner_of, pids_of, predict, predict_on, preprocessed, probs_in,
-    probs_of, serve_workers, shm_folder, wait_until,
+    expected_probs, local_forward, log_tail, one_metric, others_paused, owner_of, pids_of, predict,
+    predict_on, preprocessed, probs_in, probs_of, serve_workers, shm_folder, wait_until,
 )
 
 pytestmark = pytest.mark.e2e
@@ -87,43 +87,58 @@ def test_process_layout(dep: Deployment) -> None:
 def test_native_multipart_and_json_match_local_forward(dep: Deployment) -> None:
     images = [image_bytes(50, 40, seed=s) for s in range(4)]
     expected = expected_probs(images)
-    responses = _concurrently(lambda img: predict(dep.server.url, "cls", img), images)  # a connection each
+    as_json = json.dumps(b64_instances(images)).encode()
+    for pid in dep.worker_pids():  # every HTTP process decodes and preprocesses alike
+        for image, want in zip(images, expected):
+            with connect_to(dep, pid) as sock:
+                status, headers, body = predict_on(sock, "cls", image)
+            assert status == 200, body
+            assert headers["x-model-name"] == "cls" and headers["x-model-version"] == "1"
+            assert np.abs(probs_in(body)[0] - want).max() < ATOL
+        with connect_to(dep, pid) as sock:
+            status, _, body = exchange(sock, "POST", "/v1/models/cls/predict", body=as_json,
+                                       headers={"Content-Type": "application/json"})
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["model_name"] == "cls" and answer["model_version"] == "1"
+        assert np.abs(probs_in(body) - expected).max() < ATOL
+        assert [p["label"]["index"] for p in answer["predictions"]] == list(expected.argmax(1))
+    responses = _concurrently(lambda img: predict(dep.server.url, "cls", img), images)  # and all at once
     for response, want in zip(responses, expected):
         assert response.status_code == 200, response.text
-        assert response.headers["x-model-name"] == "cls" and response.headers["x-model-version"] == "1"
         assert np.abs(probs_of(response)[0] - want).max() < ATOL
-    for _ in range(2):
-        r = httpx.post(f"{dep.server.url}/v1/models/cls/predict", json=b64_instances(images), timeout=60)
-        assert r.status_code == 200, r.text
-        body = r.json()
-        assert body["model_name"] == "cls" and body["model_version"] == "1"
-        assert np.abs(probs_of(r) - expected).max() < ATOL
-        assert [p["label"]["index"] for p in body["predictions"]] == list(expected.argmax(1))
 
 
 def test_tritonclient_infer_matches_local_forward(dep: Deployment) -> None:
     pngs = [image_bytes(50, 40, seed=s) for s in (5, 6)]
     tensor = np.stack([preprocessed(p) for p in pngs])
     ref = local_forward(tensor)
-    for binary in (True, False):
-        client = httpclient.InferenceServerClient(dep.hostport)  # a fresh connection per client
-        try:
-            assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("cls")
-            assert client.get_model_metadata("cls")["versions"] == ["1"]
-            image = httpclient.InferInput("image", list(tensor.shape), "FP32")
-            image.set_data_from_numpy(tensor, binary_data=binary)
-            probs = httpclient.InferRequestedOutput("probs", binary_data=binary)
-            result = client.infer("cls", [image], outputs=[probs], request_id=f"t-{binary}")
-            response = result.get_response()
-            assert response["model_name"] == "cls" and response["model_version"] == "1"
-            assert response["id"] == f"t-{binary}"
-            np.testing.assert_allclose(result.as_numpy("probs"), ref, atol=ATOL, rtol=0)
-            files = httpclient.InferInput("image_bytes", [len(pngs)], "BYTES")
-            files.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)  # bytes: binary only
-            result = client.infer("cls", [files])
-            np.testing.assert_allclose(result.as_numpy("probs"), ref, atol=ATOL, rtol=0)
-        finally:
-            client.close()
+    cases = [(pid, binary) for pid in dep.worker_pids() for binary in (True, False)]
+    for pid, binary in cases:
+        # the client's connections are opened while only ``pid`` accepts: that process answers them
+        with others_paused(dep, pid):
+            client = httpclient.InferenceServerClient(dep.hostport)
+            try:
+                assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("cls")
+                assert client.get_model_metadata("cls")["versions"] == ["1"]
+                image = httpclient.InferInput("image", list(tensor.shape), "FP32")
+                image.set_data_from_numpy(tensor, binary_data=binary)
+                probs = httpclient.InferRequestedOutput("probs", binary_data=binary)
+                rid = f"t-{pid}-{binary}"
+                result = client.infer("cls", [image], outputs=[probs], request_id=rid,
+                                      headers={"X-Request-ID": rid})  # the id the access log shows
+                response = result.get_response()
+                assert response["model_name"] == "cls" and response["model_version"] == "1"
+                assert response["id"] == rid
+                np.testing.assert_allclose(result.as_numpy("probs"), ref, atol=ATOL, rtol=0)
+                files = httpclient.InferInput("image_bytes", [len(pngs)], "BYTES")
+                files.set_data_from_numpy(np.array(pngs, dtype=object), binary_data=True)  # bytes: binary
+                result = client.infer("cls", [files], request_id=f"b-{pid}-{binary}")
+                np.testing.assert_allclose(result.as_numpy("probs"), ref, atol=ATOL, rtol=0)
+            finally:
+                client.close()
+    answered = pids_of(dep.server, [f"t-{pid}-{binary}" for pid, binary in cases])
+    assert answered == {f"t-{pid}-{binary}": pid for pid, binary in cases}
 
 
 # ---- access logs and metrics -----------------------------------------------------------------------------
@@ -281,8 +296,9 @@ def test_sigterm_to_the_supervisor_drains_in_flight_and_exits_zero(dep: Deployme
     try:
         late = predict(url, "cls", timeout=10)
         assert late.status_code == 503, late.text  # draining: no new inference
-    except httpx.TransportError:
-        pass  # or the listener is already closed
+    except httpx.TransportError as exc:  # or no process listens any more: the connection is refused
+        # (a connection that is accepted but never answered, or dropped, is neither)
+        assert isinstance(exc, httpx.ConnectError), f"new request after SIGTERM: {exc!r}"
     worker.join(60)
     code = proc.wait(60)
     assert "error" not in result, result
@@ -290,7 +306,7 @@ def test_sigterm_to_the_supervisor_drains_in_flight_and_exits_zero(dep: Deployme
     assert isinstance(response, httpx.Response)
     assert response.status_code == 200, response.text
     assert np.abs(probs_of(response) - expected).max() < ATOL
-    assert code == 0, dep.server.output()
+    assert code == 0, log_tail(dep.server)
     if dep.workers == 1:
         assert "draining" in dep.server.output()
     else:

@@ -350,8 +350,16 @@ def probs_in(body: bytes) -> np.ndarray:
 
 def access_lines(server: Server) -> list[dict[str, Any]]:
     """The JSON access-log lines of every process (they share the server's output)."""
-    lines = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
+    text = server.output()
+    complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]  # a line being written: not yet
+    lines = [json.loads(line) for line in complete.splitlines() if line.startswith("{")]
     return [d for d in lines if d.get("logger") == "modserve.access"]
+
+
+def log_tail(server: Server, lines: int = 20) -> str:
+    """The server's last ``lines`` log lines other than access lines: what an assertion message needs."""
+    kept = [line for line in server.output().splitlines() if '"modserve.access"' not in line]
+    return "\n".join(kept[-lines:])
 
 
 def pids_of(server: Server, request_ids: Sequence[str], timeout: float = 30) -> dict[str, int]:
