@@ -279,3 +279,28 @@ def test_every_snapshot_write_is_seen_even_two_in_the_same_millisecond(tmp_path:
     assert reader.read_if_changed() == {"models": [], "fatal": "b"}
     writer.write({"models": [], "fatal": "b"})  # same content, not forced: nothing written
     assert reader.read_if_changed() is None
+
+
+def test_a_device_fault_reaches_every_http_process_as_not_live(tmp_path: Path) -> None:
+    from app.errors import DeviceFault
+
+    root = write_small_store(tmp_path / "store", ["resnet50_head"])
+    run = RunDir.create(tmp_path / "run", 0)
+
+    async def main() -> None:
+        device, link, task = await _device_and_link(root, run, fault_injection="fatal")
+        mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
+        other = MirrorRegistry(run.snapshot, link, ModelStore(root))  # a second HTTP process's view
+        remote = InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
+        assert mirror.down_reason() is None and other.down_reason() is None
+        with pytest.raises(DeviceFault):
+            await remote.predict("resnet50_head", [Instance(image_bytes=image_bytes())])
+        assert "CUDA error" in (other.down_reason() or "")
+        assert not other.view("resnet50_head").ready and other.readiness(strict=False)
+        await link.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await device.registry.close()
+        remote.close()
+
+    asyncio.run(main())
