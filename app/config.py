@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     share the port and one device process holds the models and batchers (docs/workers.md)."""
     run_dir: Path | None = None
     """With workers >= 2, the folder where the server's processes meet: request and result payloads
-    (shared memory), the device process's socket, the model-state snapshot and the metrics files.
+    (shared memory), the device process's socket and the model-state snapshot.
     Unset: a new folder under /dev/shm, removed at exit."""
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["json", "text"] | None = None

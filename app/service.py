@@ -69,6 +69,7 @@ class InferenceService:
         outputs: frozenset[str] | None = None,
         version: str | None = None,
         timeout_ms: float | None = None,
+        native: bool = False,
     ) -> Prediction:
         """Run ``instances`` through the model; holds one of the server's inference slots meanwhile
         (taken here, after the body is in, so slow senders never hold one)."""
@@ -79,7 +80,7 @@ class InferenceService:
         try:
             for _ in range(3):  # another process swapped the model meanwhile: prepare for the new one
                 try:
-                    return await self._predict(name, instances, outputs, version, timeout_ms)
+                    return await self._predict(name, instances, outputs, version, timeout_ms, native)
                 except StaleModel:
                     continue
             raise Overloaded(f"model {name} is being reloaded; retry", retry_after=1)
@@ -88,7 +89,7 @@ class InferenceService:
 
     async def _predict(
         self, name: str, instances: Sequence[Instance], outputs: frozenset[str] | None,
-        version: str | None, timeout_ms: float | None,
+        version: str | None, timeout_ms: float | None, native: bool = False,
     ) -> Prediction:
         if not instances:
             raise InvalidInput("no instances in the request")
@@ -99,6 +100,8 @@ class InferenceService:
         async with self.registry.lease(name, version) as live:
             runtime = live.runtime
             note_model(runtime.name, runtime.version)
+            if native and outputs is None:  # the native answer's outputs only (a U-Net's mask, not its logits)
+                outputs = runtime.native_outputs
             if outputs is not None:
                 unknown = outputs - {s.name for s in runtime.output_specs()}
                 if unknown:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -41,6 +42,8 @@ class ModelRuntime(BatchRunner):
     """Input size when model.toml sets neither ``resize`` nor ``scale``; None: the image's own size."""
     encodes_answers: ClassVar[bool] = False
     """Native answers encode images (mask PNGs): the route builds them in a worker thread."""
+    native_outputs: ClassVar[frozenset[str] | None] = None
+    """The outputs a native answer uses (None: all); the others are never computed or carried."""
 
     def __init__(
         self,
@@ -72,6 +75,9 @@ class ModelRuntime(BatchRunner):
         self.head_names = self._head_names()
         self._check_labels()
         self.fault_hook: Callable[[int], None] | None = None  # test-only fault injection
+        self.load_id = uuid.uuid4().hex
+        """This load of the model (a reload of the same version is another): HTTP processes send it
+        with their items, so the device process can tell they were prepared for another load."""
         self.max_processed_pixels: int | None = config.preprocess.max_processed_pixels
         """Per-image limit on what the network processes; None: fixed input size (``resize``)."""
 

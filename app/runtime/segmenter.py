@@ -25,6 +25,7 @@ class SegmenterRuntime(ModelRuntime):
     task: ClassVar[str] = "segmentation"
     default_resize: ClassVar[tuple[int, int] | None] = None
     encodes_answers: ClassVar[bool] = True
+    native_outputs: ClassVar[frozenset[str] | None] = frozenset({"mask"})  # logits at image size: 4 B/pixel/class
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -75,10 +75,14 @@ class DeviceServer:
             discard(self.run.socket)
 
     async def _tick(self) -> None:
-        """Queue depths and batch counts change with every batch: publish them now and then."""
+        """Queue depths and batch counts change with every batch: publish them now and then (and
+        retry a state that could not be written)."""
         while True:
             await asyncio.sleep(0.5)
-            self.publish()
+            try:
+                self.publish()
+            except Exception:  # noqa: BLE001 - the ticker must outlive any one failure
+                log.exception("publishing the model state failed")
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         me = asyncio.current_task()
@@ -146,8 +150,8 @@ class DeviceServer:
         name = str(doc["model"])
         async with self.registry.lease(name) as live:
             runtime = live.runtime
-            if runtime.version != doc["version"]:
-                raise StaleModel(f"model {name} now serves version {runtime.version}")
+            if runtime.load_id != doc["load"]:  # reloaded since (perhaps the same version, another model.toml)
+                raise StaleModel(f"model {name} was reloaded (version {runtime.version})")
             items = wire.items_from_wire(runtime, arrays, doc["items"])
             try:
                 results = await live.batcher.submit_many(items, deadline=doc.get("deadline"))

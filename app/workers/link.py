@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from app.errors import DeadlineExceeded, DeviceUnavailable, from_wire
-from app.runtime.base import InferenceItem
+from app.runtime.base import InferenceItem, ModelRuntime
 from app.workers import wire
 from app.workers.payload import PayloadDir, discard, read_arrays, write_arrays
 
@@ -89,13 +89,17 @@ class DeviceLink:
     async def _receive(self, reader: asyncio.StreamReader) -> None:
         while (doc := await wire.read_message(reader)) is not None:
             future = self._pending.pop(int(doc.get("id", -1)), None)
-            if doc.get("layouts") is not None:  # results wait in a payload file: take them now
-                out = self.payload.path(self.pid, int(doc["id"]), "out")
-                try:
-                    if future is not None and not future.done():
-                        doc["arrays"] = read_arrays(out, doc["layouts"])
-                finally:
-                    discard(out)
+            try:
+                if doc.get("layouts") is not None and future is not None and not future.done():
+                    doc["arrays"] = read_arrays(self.payload.path(self.pid, int(doc["id"]), "out"), doc["layouts"])
+            except Exception as exc:  # noqa: BLE001 - one unreadable answer (out of descriptors, ...) fails
+                log.warning("reading a result failed: %r", exc)  # its own request, not the connection
+                if future is not None and not future.done():
+                    future.set_exception(DeviceUnavailable("the answer could not be read; retry", retry_after=1))
+                continue
+            finally:
+                if doc.get("layouts") is not None:  # results waited in a payload file: never left behind
+                    discard(self.payload.path(self.pid, int(doc["id"]), "out"))
             if future is not None and not future.done():
                 future.set_result(doc)
 
@@ -138,15 +142,16 @@ class DeviceLink:
             self._send({"op": "cancel", "id": request})
 
     async def infer(
-        self, model: str, version: str, items: list[InferenceItem], deadline: float | None
+        self, runtime: ModelRuntime, items: list[InferenceItem], deadline: float | None
     ) -> list[dict[str, np.ndarray]]:
+        """``items`` prepared by ``runtime`` (a weightless copy of one load of the model)."""
         request = next(self._ids)
         arrays, described = wire.items_to_wire(items)
         src = self.payload.path(self.pid, request, "in")
         try:
             layouts = write_arrays(src, arrays)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + _SLACK_S
-            reply = await self.call({"op": "infer", "model": model, "version": version, "deadline": deadline,
+            reply = await self.call({"op": "infer", "model": runtime.name, "load": runtime.load_id, "deadline": deadline,
                                      "layouts": layouts, "items": described}, timeout=timeout, request=request)
         finally:
             discard(src)

@@ -37,7 +37,7 @@ class RemoteBatcher:
         self.queue_depth = int(b.get("queue_depth", 0))
 
     async def submit_many(self, items: list[InferenceItem], *, deadline: float | None = None) -> list[dict[str, np.ndarray]]:
-        return await self.link.infer(self.runtime.name, self.runtime.version, items, deadline)
+        return await self.link.infer(self.runtime, items, deadline)
 
 
 class MirrorRegistry:
@@ -62,7 +62,7 @@ class MirrorRegistry:
             runtime = None
             if m.get("runtime") is not None:
                 card = m["runtime"]
-                key = (m["name"], card["version"], card["sha256"] + str(m.get("loaded_at")))
+                key = (m["name"], card["version"], card["load_id"])
                 runtime = self._runtimes.get(key) or weightless_runtime(m["name"], card)
                 runtimes[key] = runtime
             live = LiveModel(runtime, RemoteBatcher(self.link, runtime, m.get("batching"))) if runtime else None  # type: ignore[arg-type]

@@ -29,10 +29,6 @@ class RunDir:
     def payload(self) -> PayloadDir:
         return PayloadDir(self.root / "payload")
 
-    @property
-    def metrics(self) -> Path:
-        return self.root / "metrics"
-
     @classmethod
     def create(cls, wanted: Path | None, port: int) -> RunDir:
         """``wanted`` (emptied of a previous run's files), or a new folder in /dev/shm (shared memory)
@@ -42,14 +38,12 @@ class RunDir:
             root = Path(tempfile.mkdtemp(prefix=f"modserve-{port}-", dir=base))
         else:
             root = wanted
-            for sub in ("payload", "metrics"):
-                shutil.rmtree(root / sub, ignore_errors=True)
+            shutil.rmtree(root / "payload", ignore_errors=True)
             for name in ("device.sock", "state.json", "pids.json"):
                 (root / name).unlink(missing_ok=True)
         root.mkdir(parents=True, exist_ok=True)
         root.chmod(0o700)  # payloads are other people's requests
-        for sub in ("payload", "metrics"):
-            (root / sub).mkdir(mode=0o700, exist_ok=True)
+        (root / "payload").mkdir(mode=0o700, exist_ok=True)
         return cls(root)
 
     def write_pids(self, supervisor: int, device: int | None, workers: list[int | None]) -> None:

@@ -9,6 +9,7 @@ loaded, the checkpoint's digest and metadata, the device and the per-image pixel
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import struct
@@ -26,13 +27,14 @@ from app.nets import net_spec
 from app.store.model_config import ModelConfig
 
 _GENERATION = struct.Struct("<Q")
+log = logging.getLogger("modserve.device")
 
 
 def runtime_card(runtime: ModelRuntime) -> dict[str, Any]:
     return {
         "version": runtime.version, "sha256": runtime.sha256, "metadata": runtime.metadata,
         "device": str(runtime.device), "config": runtime.config.model_dump(mode="json"),
-        "max_processed_pixels": runtime.max_processed_pixels,
+        "max_processed_pixels": runtime.max_processed_pixels, "load_id": runtime.load_id,
     }
 
 
@@ -44,6 +46,7 @@ def weightless_runtime(name: str, card: dict[str, Any]) -> ModelRuntime:
         device=torch.device(card["device"]), sha256=card["sha256"], metadata=card.get("metadata") or {},
     )
     runtime.max_processed_pixels = card.get("max_processed_pixels")
+    runtime.load_id = card["load_id"]
     return runtime
 
 
@@ -80,7 +83,7 @@ def _counter(path: Path, create: bool) -> mmap.mmap | None:
         return None
     try:
         if create and os.fstat(fd).st_size < 8:
-            os.ftruncate(fd, 8)
+            os.pwrite(fd, bytes(8), 0)  # written, not truncated: the page exists before it is mapped
         return mmap.mmap(fd, 8, prot=mmap.PROT_READ | (mmap.PROT_WRITE if create else 0))
     finally:
         os.close(fd)
@@ -95,16 +98,25 @@ class SnapshotWriter:
         self._last = b""
         self._generation = _counter(path.with_suffix(".generation"), create=True)
 
-    def write(self, doc: dict[str, Any], *, force: bool = False) -> None:
+    def write(self, doc: dict[str, Any], *, force: bool = False) -> bool:
+        """False when it could not be written (a full /dev/shm): the next call tries again, and HTTP
+        processes meanwhile answer 503 for what they cannot prepare."""
         data = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY, default=str)
         if data == self._last and not force:
-            return
+            return True
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            self._last = b""
+            log.warning("model state not published: %s; retrying", exc.strerror or exc)
+            return False
         self._last = data
         assert self._generation is not None
         _GENERATION.pack_into(self._generation, 0, _GENERATION.unpack_from(self._generation)[0] + 1)
+        return True
 
 
 class SnapshotReader:

@@ -11,11 +11,14 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 from multiprocessing.connection import wait
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -53,11 +56,11 @@ class Supervisor:
         if self.stopping:
             return
         self.stopping = True
-        log.info("signal %s: draining %d HTTP process(es), then the device process", sig, len(self.workers))
+        log.info("stopping (signal %s): draining %d HTTP process(es), then the device process", sig, len(self.workers))
         self.sock.close()
         for proc in self.workers:
             if proc is not None and proc.is_alive():
-                proc.terminate()  # SIGTERM: the process drains (app/server.py); a second one is ignored
+                proc.terminate()  # SIGTERM: the process drains (app/server.py)
 
     def _pace(self, key: str) -> None:
         """A process that keeps dying right after its start is restarted every 5 s, not in a spin."""
@@ -82,16 +85,26 @@ class Supervisor:
         self.workers[index] = proc
 
     def _write_pids(self) -> None:
-        self.run.write_pids(os.getpid(), self.device.pid if self.device else None,
-                            [w.pid if w else None for w in self.workers])
+        try:
+            self.run.write_pids(os.getpid(), self.device.pid if self.device else None,
+                                [w.pid if w else None for w in self.workers])
+        except OSError as exc:  # a full /dev/shm must not stop the supervision
+            log.warning("pids.json not written: %s", exc.strerror or exc)
 
     def run_forever(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self._start_device()
-        for i in range(len(self.workers)):
-            self._start_worker(i)
-        self._write_pids()
+        try:
+            self._start_device()
+            for i in range(len(self.workers)):
+                self._start_worker(i)
+            self._write_pids()
+            self._supervise()
+        finally:
+            self._on_signal(signal.SIGTERM, None)  # whatever ended the loop, the children stop in order
+        return self._shutdown()
+
+    def _supervise(self) -> None:
         while not self.stopping:
             wait([p.sentinel for p in (self.device, *self.workers) if p is not None], timeout=0.5)
             if self.stopping:
@@ -110,13 +123,14 @@ class Supervisor:
                     changed = True
             if changed:
                 self._write_pids()
-        return self._shutdown()
 
     def _shutdown(self) -> int:
-        _join(self.workers, self.settings.graceful_timeout + 10)
-        if self.device is not None and self.device.is_alive():
-            self.device.terminate()
-        _join([self.device], 30)
+        try:
+            _join(self.workers, self.settings.graceful_timeout + 10)
+        finally:
+            if self.device is not None and self.device.is_alive():
+                self.device.terminate()
+            _join([self.device], 30)
         codes = [p.exitcode for p in (*self.workers, self.device) if p is not None]
         log.info("all processes stopped (exit codes %s)", codes)
         # Killed by SIGTERM is a clean end too: a process still starting (nothing in flight yet), or one
@@ -138,8 +152,11 @@ def _join(procs: list[Any], seconds: float) -> None:
 
 def serve_workers(settings: Settings) -> int:
     run = RunDir.create(settings.run_dir, settings.port)
-    # before any child imports prometheus_client: every process then counts into files there
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(run.metrics)
+    # Before any child imports prometheus_client: every process then counts into files there. Not in
+    # /dev/shm with the payloads: prometheus-client writes through mmap into sparse files, and a page
+    # touched on a full tmpfs kills the process (SIGBUS); payloads fill /dev/shm, never the metrics.
+    metrics = Path(tempfile.mkdtemp(prefix="modserve-metrics-"))
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     ModelStore(settings.store).clear_staging()  # once, here: an HTTP process restarted later must not remove an upload in progress
     try:
         sock = bind(settings.host, settings.port)
@@ -152,5 +169,6 @@ def serve_workers(settings: Settings) -> int:
         return Supervisor(settings, run, sock).run_forever()
     finally:
         sock.close()
+        shutil.rmtree(metrics, ignore_errors=True)
         if settings.run_dir is None:
             run.remove()

@@ -304,3 +304,69 @@ def test_a_device_fault_reaches_every_http_process_as_not_live(tmp_path: Path) -
         remote.close()
 
     asyncio.run(main())
+
+
+def test_red_team_findings_stay_fixed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A same-version reload with another model.toml is prepared again; an answer that cannot be read
+    fails its own request only; a native U-Net answer carries the mask, not the logits."""
+    import app.workers.link as link_module
+
+    root = write_small_store(tmp_path / "store", ["resnet50_head", "unet"])
+    run = RunDir.create(tmp_path / "run", 0)
+
+    async def main() -> None:
+        device, link, task = await _device_and_link(root, run)
+        mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
+        remote = InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
+        mirror.refresh()
+        before = dict(mirror._status)
+        toml = root / "resnet50_head" / "model.toml"
+        toml.write_text(toml.read_text().replace("[postprocess]", '[postprocess]\noutput_names = ["scores"]'))
+        await device.registry.load("resnet50_head")  # version 1 again, another configuration
+        mirror.refresh()
+        mirror._status = before  # this process has not read the new state yet
+        answer = await remote.predict("resnet50_head", [Instance(image_bytes=image_bytes())])
+        assert list(answer.results[0]) == ["scores"] and answer.runtime.head_names == ("scores",)
+
+        real = link_module.read_arrays
+        calls = {"n": 0}
+
+        def once_broken(*args: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                raise OSError(24, "Too many open files")
+            return real(*args)
+
+        monkeypatch.setattr(link_module, "read_arrays", once_broken)
+        with pytest.raises(DeviceUnavailable, match="could not be read"):
+            await remote.predict("resnet50_head", [Instance(image_bytes=image_bytes())])
+        again = await remote.predict("resnet50_head", [Instance(image_bytes=image_bytes())])  # same connection
+        assert list(again.results[0]) == ["scores"] and link.down_reason() is None
+        seg = await remote.predict("unet", [Instance(image_bytes=image_bytes())], native=True)
+        assert list(seg.results[0]) == ["mask"]
+        assert run.payload.files() == []
+        await link.close()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await device.registry.close()
+        remote.close()
+
+    asyncio.run(main())
+
+
+def test_a_snapshot_that_cannot_be_written_is_retried_and_leaves_nothing(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.workers.snapshot import SnapshotReader, SnapshotWriter
+
+    writer, reader = SnapshotWriter(tmp_path / "state.json"), SnapshotReader(tmp_path / "state.json")
+    real = Path.write_bytes
+
+    def full(self: Path, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    assert writer.write({"fatal": None, "models": []}) is False
+    assert reader.read_if_changed() is None and sorted(p.name for p in tmp_path.iterdir()) == ["state.generation"]
+    monkeypatch.setattr(Path, "write_bytes", real)
+    assert writer.write({"fatal": None, "models": []}) is True  # the same content, written now
+    assert reader.read_if_changed() == {"fatal": None, "models": []}

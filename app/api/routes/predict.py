@@ -66,7 +66,7 @@ _OPENAPI = {
 @router.post("/{name}/predict", summary="Predict from an image (and scalar)", openapi_extra=_OPENAPI)
 async def predict(name: str, request: Request, service: ServiceDep) -> Response:
     instances = await parse_predict_request(request)
-    prediction = await unless_disconnected(request, service.predict(name, instances))
+    prediction = await unless_disconnected(request, service.predict(name, instances, native=True))
     accept = request.headers.get("accept", "")
     if prediction.runtime.encodes_answers:  # mask PNGs: neither the event loop nor the model waits on zlib
         return await run_in_threadpool(_answer, prediction, accept)
