@@ -33,20 +33,23 @@ class ServerState:
         self._fatal = value
 
     def take_slot(self, limit: int) -> bool:
-        """One of the server's ``limit`` inference slots, or False when all are taken."""
+        """One of the server's ``limit`` inference slots, or False when all are taken.
+
+        Shared slots take no lock: each process writes only its own cell (the supervisor zeroes a
+        dead one's), so a process killed at any instant can never leave the others blocked. The price:
+        requests that arrive in several processes in the same microsecond may pass the limit by at
+        most one per process."""
         if self._slots is None:
             if self.inflight >= limit:
                 return False
         else:
-            with self._slots.get_lock():
-                if sum(self._slots) >= limit:
-                    return False
-                self._slots[self._index] += 1
+            if sum(self._slots) >= limit:
+                return False
+            self._slots[self._index] += 1
         self.inflight += 1
         return True
 
     def release_slot(self) -> None:
         self.inflight -= 1
         if self._slots is not None:
-            with self._slots.get_lock():
-                self._slots[self._index] -= 1
+            self._slots[self._index] -= 1

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from app.batching import DynamicBatcher
+from app.errors import ModelNotFound, ModelNotReady
 from app.runtime.base import ModelRuntime
 
 
@@ -131,3 +132,15 @@ def readiness(views: list[ModelView], strict: bool) -> list[ModelView]:
     if wanted and len(waiting) == len(wanted):
         return waiting
     return []
+
+
+def serving(status: ModelStatus, version: str | None) -> LiveModel:
+    """The live model of ``status`` (at ``version`` when given), or the error a client should see."""
+    if status.live is None:
+        reason = status.reason or status.state.lower()
+        raise ModelNotReady(f"model {status.name!r} is not ready: {reason}", reason=reason)
+    if version is not None and version != status.live.runtime.version:
+        raise ModelNotFound(
+            f"model {status.name!r} version {version} is not loaded (serving version {status.live.runtime.version})"
+        )
+    return status.live

@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 from app.batching import BatchPolicy, DynamicBatcher
 from app.config import Settings
-from app.errors import ConfigError, Conflict, ModelLoadFailed, ModelNotFound, ModelNotReady, ServiceError
+from app.errors import ConfigError, Conflict, ModelLoadFailed, ModelNotFound, ServiceError
 from app.model_state import (
     LOADING,
     READY,
@@ -30,6 +30,7 @@ from app.model_state import (
     ModelStatus,
     ModelView,
     readiness,
+    serving,
     view_of,
 )
 from app.runtime.base import ModelRuntime
@@ -91,15 +92,7 @@ class ModelRegistry:
         return readiness(self.views(), strict)
 
     def get(self, name: str, version: str | None = None) -> LiveModel:
-        status = self.status(name)
-        if status.live is None:
-            reason = status.reason or status.state.lower()
-            raise ModelNotReady(f"model {name!r} is not ready: {reason}", reason=reason)
-        if version is not None and version != status.live.runtime.version:
-            raise ModelNotFound(
-                f"model {name!r} version {version} is not loaded (serving version {status.live.runtime.version})"
-            )
-        return status.live
+        return serving(self.status(name), version)
 
     @asynccontextmanager
     async def lease(self, name: str, version: str | None = None) -> AsyncIterator[LiveModel]:

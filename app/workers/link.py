@@ -151,8 +151,9 @@ class DeviceLink:
         try:
             layouts = write_arrays(src, arrays)
             timeout = None if deadline is None else max(0.0, deadline - time.monotonic()) + _SLACK_S
-            reply = await self.call({"op": "infer", "model": runtime.name, "load": runtime.load_id, "deadline": deadline,
-                                     "layouts": layouts, "items": described}, timeout=timeout, request=request)
+            message = {"op": "infer", "model": runtime.name, "load": runtime.load_id, "deadline": deadline,
+                       "layouts": layouts, "items": described}
+            reply = await self.call(message, timeout=timeout, request=request)
         finally:
             discard(src)
             discard(self.payload.path(self.pid, request, "out"))

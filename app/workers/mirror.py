@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from app.batching import BatchPolicy, BatchStats
-from app.errors import ModelNotFound, ModelNotReady, StaleModel
-from app.model_state import LiveModel, ModelState, ModelStatus, ModelView, readiness
+from app.errors import ModelNotFound, StaleModel
+from app.model_state import LiveModel, ModelState, ModelStatus, ModelView, readiness, serving
 from app.runtime.base import InferenceItem, ModelRuntime
 from app.store import ModelStore
 from app.workers.link import DeviceLink
@@ -36,7 +36,9 @@ class RemoteBatcher:
         self.stats = BatchStats(b.get("batches_run", 0), b.get("items_run", 0))
         self.queue_depth = int(b.get("queue_depth", 0))
 
-    async def submit_many(self, items: list[InferenceItem], *, deadline: float | None = None) -> list[dict[str, np.ndarray]]:
+    async def submit_many(
+        self, items: list[InferenceItem], *, deadline: float | None = None
+    ) -> list[dict[str, np.ndarray]]:
         return await self.link.infer(self.runtime, items, deadline)
 
 
@@ -65,7 +67,9 @@ class MirrorRegistry:
                 key = (m["name"], card["version"], card["load_id"])
                 runtime = self._runtimes.get(key) or weightless_runtime(m["name"], card)
                 runtimes[key] = runtime
-            live = LiveModel(runtime, RemoteBatcher(self.link, runtime, m.get("batching"))) if runtime else None  # type: ignore[arg-type]
+            live = None
+            if runtime is not None:
+                live = LiveModel(runtime, RemoteBatcher(self.link, runtime, m.get("batching")))  # type: ignore[arg-type]
             status[m["name"]] = ModelStatus(
                 m["name"], ModelState(m["state"]), m.get("version"), m.get("reason"), m.get("last_error"),
                 live, m.get("loaded_at"), list(m.get("warnings") or []),
@@ -118,15 +122,7 @@ class MirrorRegistry:
         return readiness(self.views(), strict)
 
     def get(self, name: str, version: str | None = None) -> LiveModel:
-        status = self.status(name)
-        if status.live is None:
-            reason = status.reason or status.state.lower()
-            raise ModelNotReady(f"model {name!r} is not ready: {reason}", reason=reason)
-        if version is not None and version != status.live.runtime.version:
-            raise ModelNotFound(
-                f"model {name!r} version {version} is not loaded (serving version {status.live.runtime.version})"
-            )
-        return status.live
+        return serving(self.status(name), version)
 
     @asynccontextmanager
     async def lease(self, name: str, version: str | None = None) -> AsyncIterator[LiveModel]:

@@ -44,7 +44,7 @@ class Supervisor:
     def __init__(self, settings: Settings, run: RunDir, sock: socket.socket) -> None:
         self.settings, self.run, self.sock = settings, run, sock
         self.ctx = multiprocessing.get_context("spawn")
-        self.slots = self.ctx.Array("i", settings.workers)
+        self.slots = self.ctx.Array("i", settings.workers, lock=False)  # lifecycle.py: why no lock
         self.device: BaseProcess | None = None
         self.workers: list[BaseProcess | None] = [None] * settings.workers
         self.stopping = False
@@ -77,8 +77,7 @@ class Supervisor:
 
     def _start_worker(self, index: int) -> None:
         self._pace(f"worker-{index}")
-        with self.slots.get_lock():
-            self.slots[index] = 0  # a dead process's inference slots are free again
+        self.slots[index] = 0  # a dead process's inference slots are free again
         proc = self.ctx.Process(target=worker_main, name=f"modserve-http-{index}",
                                 args=(self.settings, self.run, index, self.sock, self.slots))
         proc.start()
@@ -157,7 +156,8 @@ def serve_workers(settings: Settings) -> int:
     # touched on a full tmpfs kills the process (SIGBUS); payloads fill /dev/shm, never the metrics.
     metrics = Path(tempfile.mkdtemp(prefix="modserve-metrics-"))
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
-    ModelStore(settings.store).clear_staging()  # once, here: an HTTP process restarted later must not remove an upload in progress
+    # once, here: an HTTP process restarted later must not remove another's upload in progress
+    ModelStore(settings.store).clear_staging()
     try:
         sock = bind(settings.host, settings.port)
     except OSError as exc:

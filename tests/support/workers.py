@@ -406,6 +406,16 @@ def predict(url: str, model: str, image: bytes | None = None, request_id: str | 
                       headers=headers, timeout=timeout)
 
 
+def assert_no_new_inference(url: str, model: str, image: bytes | None = None) -> None:
+    """Once SIGTERM is in: a new request gets 503 (draining) or a refused connection (nothing listens
+    any more); a connection that is accepted and then dropped or never answered is neither."""
+    try:
+        late = predict(url, model, image, timeout=10)
+        assert late.status_code == 503, late.text
+    except httpx.TransportError as exc:
+        assert isinstance(exc, httpx.ConnectError), f"new request after SIGTERM: {exc!r}"
+
+
 def b64_instances(images: Sequence[bytes]) -> dict[str, Any]:
     return {"instances": [{"image": {"b64": base64.b64encode(i).decode()}} for i in images]}
 

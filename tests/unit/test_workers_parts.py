@@ -145,7 +145,7 @@ def test_errors_cross_with_their_type_status_and_headers() -> None:
 
 
 def test_the_concurrency_limit_holds_across_processes_sharing_slots() -> None:
-    slots = multiprocessing.get_context("spawn").Array("i", 2)
+    slots = multiprocessing.get_context("spawn").Array("i", 2, lock=False)
     first, second = ServerState(slots, 0), ServerState(slots, 1)
     assert first.take_slot(3) and first.take_slot(3) and second.take_slot(3)
     assert not second.take_slot(3) and not first.take_slot(3)
@@ -172,7 +172,24 @@ def test_weightless_runtimes_describe_the_model_as_the_loaded_one_does(tmp_path:
         assert list(mirror.model.parameters()) == []
 
 
-async def _device_and_link(root: Path, run: RunDir, **settings: Any) -> tuple[DeviceServer, DeviceLink, asyncio.Task[None]]:
+def _mirror_and_service(root: Path, run: RunDir, link: DeviceLink) -> tuple[MirrorRegistry, InferenceService]:
+    """An HTTP process's view of the device process: its mirror registry and inference service."""
+    mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
+    return mirror, InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
+
+
+async def _stop(device: DeviceServer, link: DeviceLink, task: asyncio.Task[None], *services: InferenceService) -> None:
+    await link.close()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    await device.registry.close()
+    for service in services:
+        service.close()
+
+
+async def _device_and_link(
+    root: Path, run: RunDir, **settings: Any
+) -> tuple[DeviceServer, DeviceLink, asyncio.Task[None]]:
     device = DeviceServer(Settings(store=root, warmup=False, **settings), run)
     task = asyncio.get_running_loop().create_task(device.serve())
     link = DeviceLink(run.socket, run.payload)
@@ -190,8 +207,7 @@ def test_the_device_server_answers_through_the_link_as_the_model_does_in_process
 
     async def main() -> None:
         device, link, task = await _device_and_link(root, run)
-        mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
-        remote = InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
+        mirror, remote = _mirror_and_service(root, run, link)
         local = InferenceService(device.registry, Settings(store=root, warmup=False), ServerState())
         png = image_bytes()
         for name, inst in (("resnet50_extra", Instance(image_bytes=png, scalar=[0.5])),
@@ -214,11 +230,7 @@ def test_the_device_server_answers_through_the_link_as_the_model_does_in_process
         assert link.down_reason() is not None
         with pytest.raises(DeviceUnavailable):
             await remote.predict("resnet50_extra", [Instance(image_bytes=png, scalar=[0.5])])
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await device.registry.close()
-        remote.close()
-        local.close()
+        await _stop(device, link, task, remote, local)
 
     asyncio.run(main())
 
@@ -229,8 +241,7 @@ def test_a_request_prepared_for_a_replaced_version_is_prepared_again(tmp_path: P
 
     async def main() -> None:
         device, link, task = await _device_and_link(root, run)
-        mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
-        remote = InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
+        mirror, remote = _mirror_and_service(root, run, link)
         mirror.refresh()
         before = dict(mirror._status)
         import shutil
@@ -242,11 +253,7 @@ def test_a_request_prepared_for_a_replaced_version_is_prepared_again(tmp_path: P
         assert mirror.get("resnet50_head").runtime.version == "1"
         answer = await remote.predict("resnet50_head", [Instance(image_bytes=image_bytes())])
         assert answer.runtime.version == "2"
-        await link.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await device.registry.close()
-        remote.close()
+        await _stop(device, link, task, remote)
 
     asyncio.run(main())
 
@@ -289,19 +296,14 @@ def test_a_device_fault_reaches_every_http_process_as_not_live(tmp_path: Path) -
 
     async def main() -> None:
         device, link, task = await _device_and_link(root, run, fault_injection="fatal")
-        mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
+        mirror, remote = _mirror_and_service(root, run, link)
         other = MirrorRegistry(run.snapshot, link, ModelStore(root))  # a second HTTP process's view
-        remote = InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
         assert mirror.down_reason() is None and other.down_reason() is None
         with pytest.raises(DeviceFault):
             await remote.predict("resnet50_head", [Instance(image_bytes=image_bytes())])
         assert "CUDA error" in (other.down_reason() or "")
         assert not other.view("resnet50_head").ready and other.readiness(strict=False)
-        await link.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await device.registry.close()
-        remote.close()
+        await _stop(device, link, task, remote)
 
     asyncio.run(main())
 
@@ -316,8 +318,7 @@ def test_red_team_findings_stay_fixed(tmp_path: Path, monkeypatch: pytest.Monkey
 
     async def main() -> None:
         device, link, task = await _device_and_link(root, run)
-        mirror = MirrorRegistry(run.snapshot, link, ModelStore(root))
-        remote = InferenceService(mirror, Settings(store=root, warmup=False), ServerState())  # type: ignore[arg-type]
+        mirror, remote = _mirror_and_service(root, run, link)
         mirror.refresh()
         before = dict(mirror._status)
         toml = root / "resnet50_head" / "model.toml"
@@ -345,11 +346,7 @@ def test_red_team_findings_stay_fixed(tmp_path: Path, monkeypatch: pytest.Monkey
         seg = await remote.predict("unet", [Instance(image_bytes=image_bytes())], native=True)
         assert list(seg.results[0]) == ["mask"]
         assert run.payload.files() == []
-        await link.close()
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        await device.registry.close()
-        remote.close()
+        await _stop(device, link, task, remote)
 
     asyncio.run(main())
 
