@@ -93,15 +93,19 @@ class Supervisor:
     def run_forever(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        failed = False
         try:
             self._start_device()
             for i in range(len(self.workers)):
                 self._start_worker(i)
             self._write_pids()
             self._supervise()
-        finally:
-            self._on_signal(signal.SIGTERM, None)  # whatever ended the loop, the children stop in order
-        return self._shutdown()
+        except Exception:  # noqa: BLE001 - whatever ended the loop, the children stop in order
+            log.exception("supervision failed; stopping the server")
+            failed = True
+        self._on_signal(signal.SIGTERM, None)
+        code = self._shutdown()
+        return 1 if failed else code
 
     def _supervise(self) -> None:
         while not self.stopping:
@@ -150,6 +154,11 @@ def _join(procs: list[Any], seconds: float) -> None:
 
 
 def serve_workers(settings: Settings) -> int:
+    try:
+        sock = bind(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
+        return 1
     run = RunDir.create(settings.run_dir, settings.port)
     # Before any child imports prometheus_client: every process then counts into files there. Not in
     # /dev/shm with the payloads: prometheus-client writes through mmap into sparse files, and a page
@@ -158,13 +167,6 @@ def serve_workers(settings: Settings) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics)
     # once, here: an HTTP process restarted later must not remove another's upload in progress
     ModelStore(settings.store).clear_staging()
-    try:
-        sock = bind(settings.host, settings.port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", settings.host, settings.port, exc.strerror)
-        if settings.run_dir is None:
-            run.remove()
-        return 1
     try:
         return Supervisor(settings, run, sock).run_forever()
     finally:
