@@ -9,6 +9,7 @@ here before this process answers in turn.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -23,6 +24,8 @@ from app.runtime.base import InferenceItem, ModelRuntime
 from app.store import ModelStore
 from app.workers.link import DeviceLink
 from app.workers.snapshot import SnapshotReader, weightless_runtime
+
+log = logging.getLogger("modserve.workers")
 
 
 class RemoteBatcher:
@@ -65,17 +68,26 @@ class MirrorRegistry:
             if m.get("runtime") is not None:
                 card = m["runtime"]
                 key = (m["name"], card["version"], card["load_id"])
-                runtime = self._runtimes.get(key) or weightless_runtime(m["name"], card)
-                runtimes[key] = runtime
+                runtime = self._runtimes.get(key)
+                if runtime is None:
+                    try:
+                        runtime = weightless_runtime(m["name"], card)
+                    except Exception:  # noqa: BLE001 - that model answers 503 here, the others serve
+                        log.exception("model %s: cannot describe version %s in this process", m["name"], card["version"])
+                if runtime is not None:
+                    runtimes[key] = runtime
+            reason = m.get("reason")
+            if m.get("runtime") is not None and runtime is None:
+                reason = "this HTTP process cannot describe the model (see its log)"
             live = None
             if runtime is not None:
                 live = LiveModel(runtime, RemoteBatcher(self.link, runtime, m.get("batching")))  # type: ignore[arg-type]
             status[m["name"]] = ModelStatus(
-                m["name"], ModelState(m["state"]), m.get("version"), m.get("reason"), m.get("last_error"),
+                m["name"], ModelState(m["state"]), m.get("version"), reason, m.get("last_error"),
                 live, m.get("loaded_at"), list(m.get("warnings") or []),
             )
             views[m["name"]] = ModelView(
-                m["name"], ModelState(m["state"]), m.get("version"), m.get("reason"), m.get("last_error"),
+                m["name"], ModelState(m["state"]), m.get("version"), reason, m.get("last_error"),
                 tuple(m.get("warnings") or ()), runtime, int(m.get("queue_depth") or 0), m.get("batching"),
             )
         self._status, self._views, self._runtimes = status, views, runtimes

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ from app.workers.link import DeviceLink
 from app.workers.mirror import MirrorRegistry
 from app.workers.payload import PayloadDir, read_arrays, write_arrays
 from app.workers.run_dir import RunDir
-from app.workers.snapshot import runtime_card, weightless_runtime
+from app.workers.snapshot import runtime_card, snapshot_of, weightless_runtime
 from support.models import image_bytes, write_small_store
 
 # ---- payload files -----------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_weightless_runtimes_describe_the_model_as_the_loaded_one_does(tmp_path:
     for view in registry.views():
         real = view.runtime
         assert real is not None
-        card = __import__("orjson").loads(__import__("orjson").dumps(runtime_card(real), default=str))
+        card = orjson.loads(orjson.dumps(runtime_card(real), default=str))
         mirror = weightless_runtime(view.name, card)
         assert protocol.model_metadata(mirror) == protocol.model_metadata(real)
         assert protocol.model_config(mirror) == protocol.model_config(real)
@@ -367,3 +368,19 @@ def test_a_snapshot_that_cannot_be_written_is_retried_and_leaves_nothing(tmp_pat
     monkeypatch.setattr(Path, "write_bytes", real)
     assert writer.write({"fatal": None, "models": []}) is True  # the same content, written now
     assert reader.read_if_changed() == {"fatal": None, "models": []}
+
+
+def test_a_model_this_process_cannot_describe_is_not_ready_and_the_others_serve(tmp_path: Path) -> None:
+    from app.workers.snapshot import SnapshotWriter
+
+    root = write_small_store(tmp_path / "store", ["resnet50_head", "unet"])
+    registry = ModelRegistry(ModelStore(root), Settings(store=root, warmup=False))
+    asyncio.run(registry.load_all())
+    doc = orjson.loads(orjson.dumps(snapshot_of(registry, None), default=str))
+    doc["models"][0]["runtime"]["config"]["architecture"] = "no_such_architecture"  # resnet50_head
+    SnapshotWriter(tmp_path / "state.json").write(doc)
+    mirror = MirrorRegistry(tmp_path / "state.json", DeviceLink(tmp_path / "none.sock", PayloadDir(tmp_path)),
+                            ModelStore(root))
+    with pytest.raises(ModelNotReady, match="cannot describe"):
+        mirror.get("resnet50_head")
+    assert mirror.view("unet").ready and mirror.readiness(strict=False) == []
